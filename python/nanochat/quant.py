@@ -8,6 +8,9 @@ Weights, per output row, per group of `group_size` consecutive input weights (fp
     code  = clamp(round_half_even(w / scale), -1, 1)                  (a true division, not w * (1/scale))
     w_q   = code * scale
   When K is not a multiple of group_size, the last group is shorter and its mean is over its own elements.
+  The absmean sum is accumulated in fp64 and the mean rounded once to fp32: the sum cannot overflow
+  for huge weights, and it does not depend on the summation order (the Triton kernel and torch add
+  in different orders), so both backends give bit-identical scales.
 
 Activations, per token (last dim), int8 absmax (fp32 math):
     s   = 127 / max(max(|x|), 1e-5)
@@ -15,8 +18,9 @@ Activations, per token (last dim), int8 absmax (fp32 math):
     x_q = q / s
 
 Both use the straight-through estimator: the backward pass is the identity.
-Non-finite input: a NaN or inf anywhere in a group / token makes its scale non-finite and its
-outputs NaN (we never hide a diverged run behind a clean-looking quantized weight).
+Non-finite input: a NaN or inf anywhere in a group / token makes its scale NaN (weights: `scale`,
+activations: `s`), its codes 0 and its fake-quantized outputs NaN (we never hide a diverged run
+behind a clean-looking quantized weight). Other groups / tokens are unaffected.
 
 Dispatch: on CUDA tensors the fused Triton kernels are used when importable; everywhere else,
 and whenever NANOCHAT_QUANT_BACKEND=reference (or `force_reference(True)`), the PyTorch reference.
@@ -68,13 +72,17 @@ def weight_scales_codes_ref(w: torch.Tensor, group_size: int, method: str = "abs
     n, k = w.shape
     g, counts = _grouped(w, group_size)
     if method == "absmean":
-        scales = g.abs().sum(-1) / counts
+        # fp64 sum: no overflow, and the same result in any summation order (see docstring)
+        scales = (g.abs().double().sum(-1) / counts.double()).float()
     elif method == "absmax":
         scales = g.abs().amax(-1)
     else:
         raise ValueError(f"weight_quant: expected 'absmean' or 'absmax', got {method!r}")
     scales = scales.clamp(min=EPS)
     codes = torch.round(g / scales.unsqueeze(-1)).clamp(-1, 1)
+    finite = torch.isfinite(g).all(-1)  # the zero padding of a short last group is finite
+    codes = torch.where(finite.unsqueeze(-1), codes, 0.0)
+    scales = torch.where(finite, scales, float("nan"))
     codes = codes.reshape(n, -1)[:, :k]
     return codes.to(torch.int8), scales
 
@@ -87,19 +95,23 @@ def weight_quant_ref(w: torch.Tensor, group_size: int, method: str = "absmean") 
     return (codes.float() * scales_full).to(w.dtype)
 
 
+def _act_int8(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q as fp32 integers [..., K], s fp32 [..., 1]) for fp32 x; non-finite tokens get s = NaN, q = 0."""
+    s = 127.0 / x32.abs().amax(-1, keepdim=True).clamp(min=EPS)
+    s = torch.where(torch.isfinite(x32).all(-1, keepdim=True), s, float("nan"))
+    q = torch.round(x32 * s).clamp(-128, 127)
+    return torch.nan_to_num(q, nan=0.0), s
+
+
 def act_quant_ref(x: torch.Tensor) -> torch.Tensor:
     """Reference per-token int8 absmax fake-quantization, in x's dtype; no gradient handling."""
-    x32 = x.float()
-    s = 127.0 / x32.abs().amax(-1, keepdim=True).clamp(min=EPS)
-    q = torch.round(x32 * s).clamp(-128, 127)
+    q, s = _act_int8(x.float())
     return (q / s).to(x.dtype)
 
 
 def act_quant_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference integer form: (q int8 [..., K], s fp32 [..., 1]) with x_q = q / s."""
-    x32 = x.float()
-    s = 127.0 / x32.abs().amax(-1, keepdim=True).clamp(min=EPS)
-    q = torch.round(x32 * s).clamp(-128, 127)
+    q, s = _act_int8(x.float())
     return q.to(torch.int8), s
 
 
