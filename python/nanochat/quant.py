@@ -97,7 +97,9 @@ def weight_quant_ref(w: torch.Tensor, group_size: int, method: str = "absmean") 
 
 def _act_int8(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q as fp32 integers [..., K], s fp32 [..., 1]) for fp32 x; non-finite tokens get s = NaN, q = 0."""
-    s = 127.0 / x32.abs().amax(-1, keepdim=True).clamp(min=EPS)
+    amax = x32.abs().amax(-1, keepdim=True).clamp(min=EPS)
+    # a true division: torch computes `127.0 / tensor` as reciprocal(tensor) * 127, up to 1 ulp off
+    s = torch.full_like(amax, 127.0) / amax
     s = torch.where(torch.isfinite(x32).all(-1, keepdim=True), s, float("nan"))
     q = torch.round(x32 * s).clamp(-128, 127)
     return torch.nan_to_num(q, nan=0.0), s
