@@ -1,0 +1,95 @@
+"""The matrix kernels the engine calls: the Rust extension, or a slow numpy reference without it.
+
+`TernaryMatrix` and `Int8Matrix` follow docs/contracts.md. The Rust classes (nanochat.ternary) are
+used when the extension imports; otherwise the numpy classes below compute the same arithmetic
+(per-token int8 activations, integer dot products per group, times the group scale, / s) so the
+engine still runs, slowly. NANOCHAT_ENGINE_KERNELS=numpy forces the reference (for comparisons).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+EPS = 1e-5
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f32 [T, K] -> (int8 values as f32 [T, K], s f32 [T]) by the quant.py rule: q = round(x * s), s = 127/absmax."""
+    x = np.asarray(x, dtype=np.float32)
+    s = np.float32(127.0) / np.maximum(np.abs(x).max(axis=-1), np.float32(EPS))
+    q = np.clip(np.rint(x * s[:, None]), -128, 127)
+    return q, s
+
+
+class NumpyTernaryMatrix:
+    """Reference ternary matrix: codes int8 [M, K] in {-1,0,1}, scales f32 [M, G]."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, group_size: int = 128):
+        m, k = codes.shape
+        g = -(-k // group_size)
+        if scales.shape != (m, g):
+            raise ValueError(f"scales: expected shape {(m, g)}, got {scales.shape}")
+        self.rows, self.cols, self.group_size = m, k, group_size
+        self._codes, self._scales = codes.astype(np.int8), scales.astype(np.float32)
+        padded = np.zeros((m, g * group_size), dtype=np.float32)
+        padded[:, :k] = codes
+        self._grouped = padded.reshape(m, g, group_size)
+        self.nbytes = self._codes.nbytes + self._scales.nbytes
+
+    def gemm(self, x: np.ndarray) -> np.ndarray:
+        q, s = quantize_activations(x)
+        t = q.shape[0]
+        qp = np.zeros((t, self._grouped.shape[1] * self.group_size), dtype=np.float32)
+        qp[:, :self.cols] = q
+        # integer-valued partial sums per group are exact in f32 (|sum| <= 128 * 256)
+        partial = np.einsum("mgk,tgk->tmg", self._grouped, qp.reshape(t, -1, self.group_size))
+        return (partial * self._scales[None]).sum(-1) / s[:, None]
+
+    def gemv(self, x: np.ndarray) -> np.ndarray:
+        return self.gemm(x[None])[0]
+
+    def unpack(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._codes.copy(), self._scales.copy()
+
+
+class NumpyInt8Matrix:
+    """Reference per-row int8 matrix: W = q * scales[:, None]."""
+
+    def __init__(self, q: np.ndarray, scales: np.ndarray):
+        self._q, self._scales = q.astype(np.float32), scales.astype(np.float32)
+        self.rows, self.cols = q.shape
+
+    @staticmethod
+    def from_f32(w: np.ndarray) -> "NumpyInt8Matrix":
+        w = np.asarray(w, dtype=np.float32)
+        scales = np.abs(w).max(axis=1) / np.float32(127.0)
+        safe = np.where(scales > 0, scales, np.float32(1.0))
+        return NumpyInt8Matrix(np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8), scales)
+
+    def gemm(self, x: np.ndarray) -> np.ndarray:
+        q, s = quantize_activations(x)
+        return (q @ self._q.T) * self._scales[None] / s[:, None]
+
+    def gemv(self, x: np.ndarray) -> np.ndarray:
+        return self.gemm(x[None])[0]
+
+
+def _load_backend():
+    if os.environ.get("NANOCHAT_ENGINE_KERNELS", "auto") == "numpy":
+        log.info("engine kernels: numpy reference (NANOCHAT_ENGINE_KERNELS=numpy)")
+        return NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, "numpy"
+    try:
+        from nanochat import ternary
+    except ImportError as e:
+        log.warning("engine kernels: Rust extension nanochat._ternary not importable (%s); using the slow numpy "
+                    "reference. Build it with `maturin develop --release`.", e)
+        return NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, "numpy"
+    log.info("engine kernels: Rust extension, isa %s", ternary.active_isa())
+    return ternary.TernaryMatrix, ternary.Int8Matrix, ternary.set_num_threads, f"rust-{ternary.active_isa()}"
+
+
+TernaryMatrix, Int8Matrix, set_num_threads, BACKEND = _load_backend()

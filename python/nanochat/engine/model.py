@@ -1,0 +1,202 @@
+"""The CPU forward pass in numpy float32, with a KV cache per sequence.
+
+One `forward` call runs any mix of sequences: the prompt of a new one (prefill), one new token of
+each running one (batched decode), or both. All their tokens go through every linear as one
+[N, K] batch (ternary GEMMs in the Rust kernels); only attention runs per sequence, against that
+sequence's own cache and positions. The math follows docs/contracts.md (RMSNorm, rotate-half RoPE,
+GQA, SwiGLU, mHC-lite mixing), the same as nanochat.model's quantized forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanochat.config import ModelConfig
+
+ATTN_QUERY_CHUNK = 256  # prefill attention in query blocks, so scores stay [KVH, r, 256, S]
+
+
+@dataclass
+class MhcMix:
+    """One sublayer's mHC matrices: h_pre [n], h_post [n], h_res [n, n]."""
+    h_pre: np.ndarray
+    h_post: np.ndarray
+    h_res: np.ndarray
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    qkv: object  # TernaryMatrix with the rows of q, k, v stacked
+    o: object
+    ffn_norm: np.ndarray
+    gate_up: object  # TernaryMatrix with the rows of gate then up stacked
+    down: object
+    attn_sub_norm: np.ndarray | None = None
+    ffn_sub_norm: np.ndarray | None = None
+    attn_mhc: MhcMix | None = None
+    ffn_mhc: MhcMix | None = None
+
+
+class Embedding:
+    """Token embedding rows, dequantized on lookup (Q8_0: int8 values x one f32 scale per 32)."""
+
+    def __init__(self, q: np.ndarray, d: np.ndarray | None):
+        self.q, self.d = q, d  # Q8_0: q int8 [V, D], d f32 [V, D/32]; F16: q f16 [V, D], d None
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        if self.d is None:
+            return self.q[ids].astype(np.float32)
+        n, dim = len(ids), self.q.shape[1]
+        return (self.q[ids].reshape(n, -1, 32) * self.d[ids][:, :, None]).reshape(n, dim).astype(np.float32)
+
+    def table(self) -> np.ndarray:
+        return self.rows(np.arange(self.q.shape[0]))
+
+
+@dataclass
+class Weights:
+    embedding: Embedding
+    layers: list[LayerWeights]
+    output_norm: np.ndarray
+    head: object  # Int8Matrix [V, D]
+
+
+class KVCache:
+    """Keys and values of one sequence, preallocated for `capacity` positions: [L, KVH, capacity, hd]."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int):
+        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = np.empty(shape, dtype=np.float32)
+        self.v = np.empty(shape, dtype=np.float32)
+        self.capacity = capacity
+        self.length = 0  # positions filled
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.einsum("...d,...d->...", x, x) / np.float32(x.shape[-1])
+    return x * (1.0 / np.sqrt(ms + np.float32(eps)))[..., None].astype(np.float32) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin f32 [max_seq_len, hd/2]; angles in float64 like the training model."""
+    hd = cfg.head_dim
+    inv_freq = cfg.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.outer(np.arange(cfg.max_seq_len, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x [N, heads, hd] with cos/sin [N, 1, hd/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def softmax_inplace(scores: np.ndarray) -> np.ndarray:
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+class Transformer:
+    """Weights + config + RoPE tables; `forward` is the whole model."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights):
+        self.cfg, self.w = cfg, weights
+        self.cos, self.sin = rope_tables(cfg)
+        self.q_dim = cfg.n_heads * cfg.head_dim
+        self.kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        cap = self.cfg.max_seq_len if capacity is None else min(capacity, self.cfg.max_seq_len)
+        return KVCache(self.cfg, cap)
+
+    @staticmethod
+    def _linear(mat, x: np.ndarray) -> np.ndarray:
+        return mat.gemv(x[0])[None] if x.shape[0] == 1 else mat.gemm(x)
+
+    def forward(self, seqs: list[tuple[list[int], KVCache]], all_logits: bool = False) -> np.ndarray:
+        """Run the new tokens of each (tokens, cache) pair; returns logits of each sequence's last token
+        [n_seqs, V], or of every token [N, V] with all_logits. Each cache grows by its tokens."""
+        cfg, n = self.cfg, self.cfg.mhc_streams
+        lengths = [len(t) for t, _ in seqs]
+        for (tokens, cache), t in zip(seqs, lengths):
+            if t == 0:
+                raise ValueError("forward: a sequence with no new tokens")
+            if cache.length + t > cache.capacity:
+                raise ValueError(f"forward: {cache.length} + {t} tokens exceed the KV cache capacity {cache.capacity}")
+        ids = np.fromiter((tok for tokens, _ in seqs for tok in tokens), dtype=np.int64, count=sum(lengths))
+        positions = np.concatenate([np.arange(c.length, c.length + t) for (_, c), t in zip(seqs, lengths)])
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        x = self.w.embedding.rows(ids)
+        xs = x if n == 1 else np.broadcast_to(x, (n, *x.shape)).copy()
+        for li, layer in enumerate(self.w.layers):
+            u = self._read(xs, layer.attn_mhc)
+            y = self._attention(li, layer, rms_norm(u, layer.attn_norm, cfg.norm_eps), seqs, lengths, cos, sin)
+            xs = self._write(xs, y, layer.attn_mhc)
+            u = self._read(xs, layer.ffn_mhc)
+            xs = self._write(xs, self._ffn(layer, rms_norm(u, layer.ffn_norm, cfg.norm_eps)), layer.ffn_mhc)
+        x = xs if n == 1 else xs.mean(axis=0)
+        for (_, cache), t in zip(seqs, lengths):
+            cache.length += t
+        if not all_logits:
+            x = x[np.cumsum(lengths) - 1]
+        return self._linear(self.w.head, rms_norm(x, self.w.output_norm, cfg.norm_eps))
+
+    # mHC read / write; with one stream they are the plain residual
+    @staticmethod
+    def _read(xs: np.ndarray, mix: MhcMix | None) -> np.ndarray:
+        return xs if mix is None else np.tensordot(mix.h_pre, xs, axes=1)
+
+    @staticmethod
+    def _write(xs: np.ndarray, y: np.ndarray, mix: MhcMix | None) -> np.ndarray:
+        if mix is None:
+            return xs + y
+        return np.tensordot(mix.h_res, xs, axes=1) + mix.h_post[:, None, None] * y
+
+    def _ffn(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
+        gu = self._linear(layer.gate_up, h)
+        f = self.cfg.ffn_hidden
+        a = silu(gu[:, :f]) * gu[:, f:]
+        if layer.ffn_sub_norm is not None:
+            a = rms_norm(a, layer.ffn_sub_norm, self.cfg.norm_eps)
+        return self._linear(layer.down, a)
+
+    def _attention(self, li: int, layer: LayerWeights, h: np.ndarray, seqs, lengths, cos, sin) -> np.ndarray:
+        cfg = self.cfg
+        hd, n_kv = cfg.head_dim, cfg.n_kv_heads
+        r = cfg.n_heads // n_kv
+        qkv = self._linear(layer.qkv, h)
+        q = apply_rope(qkv[:, :self.q_dim].reshape(-1, cfg.n_heads, hd), cos, sin)
+        k = apply_rope(qkv[:, self.q_dim:self.q_dim + self.kv_dim].reshape(-1, n_kv, hd), cos, sin)
+        v = qkv[:, self.q_dim + self.kv_dim:].reshape(-1, n_kv, hd)
+        out = np.empty((h.shape[0], self.q_dim), dtype=np.float32)
+        start = 0
+        for (_, cache), t in zip(seqs, lengths):
+            p0, end = cache.length, start + t
+            cache.k[li, :, p0:p0 + t] = k[start:end].transpose(1, 0, 2)
+            cache.v[li, :, p0:p0 + t] = v[start:end].transpose(1, 0, 2)
+            keys, values = cache.k[li, :, :p0 + t], cache.v[li, :, :p0 + t]  # [KVH, S, hd]
+            qh = q[start:end].reshape(t, n_kv, r, hd).transpose(1, 2, 0, 3)  # [KVH, r, t, hd]
+            for c0 in range(0, t, ATTN_QUERY_CHUNK):
+                c1 = min(t, c0 + ATTN_QUERY_CHUNK)
+                s_len = p0 + c1  # keys visible to the last query of this chunk
+                scores = np.matmul(qh[:, :, c0:c1], keys[:, None, :s_len].transpose(0, 1, 3, 2)) * self.scale
+                if c1 - c0 > 1:  # causal: query at position p0+i sees keys 0..p0+i
+                    qpos = p0 + np.arange(c0, c1)[:, None]
+                    scores[..., np.arange(s_len)[None, :] > qpos] = -np.inf
+                y = np.matmul(softmax_inplace(scores), values[:, None, :s_len])  # [KVH, r, c, hd]
+                out[start + c0:start + c1] = y.transpose(2, 0, 1, 3).reshape(c1 - c0, self.q_dim)
+            start = end
+        if layer.attn_sub_norm is not None:
+            out = rms_norm(out, layer.attn_sub_norm, cfg.norm_eps)
+        return self._linear(layer.o, out)

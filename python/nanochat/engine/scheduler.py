@@ -1,0 +1,167 @@
+"""Continuous batching: many requests decoded together by one background thread.
+
+Each step the thread (1) admits waiting requests up to `max_batch` active sequences, prefilling each
+new prompt (one GEMM pass per prompt) and streaming its first token, then (2) runs one decode step
+for all active sequences at once: their last tokens form one [B, D] batch through every linear,
+while attention uses each sequence's own KV cache and position. Finished and cancelled sequences
+leave between steps; new ones join between steps. The waiting queue is bounded: `submit` raises
+`QueueFull` rather than letting latency grow without limit.
+
+A `Request` is an iterator of TokenEvents (blocking); `cancel()` stops it, e.g. when the client
+disconnects. Errors inside the engine end the affected requests with the exception re-raised to
+their consumers.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+
+from nanochat.engine.engine import Engine
+from nanochat.engine.sampling import SamplingParams, TokenEvent
+from nanochat.engine.sequence import Sequence
+
+_END = object()  # end-of-stream marker in a request's event queue
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's waiting queue is full; try again later (HTTP 429/503)."""
+
+
+class Request:
+    """Handle of one submitted generation: iterate it for TokenEvents; cancel() to stop early."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+        self.prompt_ids, self.params = prompt_ids, params
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.submitted_at = time.monotonic()
+        self.sequence: Sequence | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> "Request":
+        return self
+
+    def __next__(self) -> TokenEvent:
+        item = self.events.get()
+        if item is _END:
+            self.events.put(_END)  # keep the stream ended for any later next()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.events.put(_END)
+            raise item
+        return item
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.tokens_generated = 0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="nanochat-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a generation; bad prompts/params raise ValueError here, a full queue raises QueueFull."""
+        params = params or SamplingParams()
+        params.validate()
+        req = Request(self.engine.check_prompt(prompt_ids), params)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting); try again later")
+            self._waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"queue_depth": len(self._waiting), "active": len(self._active), "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "tokens_generated": self.tokens_generated, "steps": self.steps}
+
+    def close(self) -> None:
+        """Stop the thread; unfinished requests end (their iterators stop)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        for req in list(self._waiting) + self._active:
+            req.events.put(_END)
+        self._waiting.clear()
+        self._active.clear()
+
+    # -- the background loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                admitted = []
+                while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+            for req in admitted:
+                self._prefill(req)
+            self._decode_step()
+
+    def _prefill(self, req: Request) -> None:
+        if req.cancelled.is_set():
+            req.events.put(_END)
+            return
+        try:
+            seq = self.engine.new_sequence(req.prompt_ids, req.params)
+            logits = self.engine.model.forward([(seq.next_tokens(), seq.cache)])
+            req.sequence = seq
+            self._emit(req, seq.consume(logits[0]))
+        except Exception as e:  # noqa: BLE001 - the consumer gets the error, the loop goes on
+            req.events.put(e)
+            req.events.put(_END)
+            return
+        if not seq.finished:
+            with self._cond:
+                self._active.append(req)
+
+    def _decode_step(self) -> None:
+        with self._cond:
+            self._active = [r for r in self._active if not self._retire_if_cancelled(r)]
+            batch = list(self._active)
+        if not batch:
+            return
+        try:
+            logits = self.engine.model.forward([(r.sequence.next_tokens(), r.sequence.cache) for r in batch])
+            for req, row in zip(batch, logits):
+                self._emit(req, req.sequence.consume(row))
+        except Exception as e:  # noqa: BLE001
+            for req in batch:
+                req.events.put(e)
+                req.sequence.finish_reason = "error"
+                req.events.put(_END)
+        with self._cond:
+            self.steps += 1
+            self._active = [r for r in self._active if not r.sequence.finished]
+
+    def _emit(self, req: Request, ev: TokenEvent) -> None:
+        self.tokens_generated += 1
+        req.events.put(ev)
+        if ev.finish_reason is not None:
+            req.events.put(_END)
+
+    @staticmethod
+    def _retire_if_cancelled(req: Request) -> bool:
+        if req.cancelled.is_set():
+            req.events.put(_END)
+            return True
+        return False

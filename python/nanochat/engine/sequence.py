@@ -1,0 +1,58 @@
+"""One generating sequence: its KV cache, sampler and text stream, and when it is finished.
+
+Shared by `Engine.generate` (one sequence) and the `Scheduler` (many, batched): both run the model
+on `next_tokens()` and hand the resulting logits row to `consume`, which picks the token and
+returns the TokenEvent to stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nanochat.engine.model import KVCache
+from nanochat.engine.sampling import Sampler, SamplingParams, TextStream, TokenEvent, log_softmax
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, cache: KVCache, vocab_size: int,
+                 token_bytes, token_text, stop_ids: set[int]):
+        self.params = params
+        self.prompt = prompt_ids
+        self.cache = cache
+        self.sampler = Sampler(params, vocab_size, prompt_ids)
+        self.text = TextStream(params.stop)
+        self.token_bytes, self.token_text, self.stop_ids = token_bytes, token_text, stop_ids
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_tokens(self) -> list[int]:
+        """What the model must read next: the prompt first, then the last sampled token."""
+        return self.prompt if not self.generated else self.generated[-1:]
+
+    def consume(self, logits: np.ndarray) -> TokenEvent:
+        """Sample from one logits row [V] and say what to stream."""
+        sampler, p = self.sampler, self.params
+        token = sampler.choose(sampler.penalize(logits))
+        sampler.record(token)
+        self.generated.append(token)
+        logprob = top = None
+        if p.logprobs is not None:
+            lsm = log_softmax(logits.astype(np.float64))
+            logprob = float(lsm[token])
+            if p.logprobs > 0:
+                best = np.argpartition(-lsm, p.logprobs - 1)[:p.logprobs]
+                top = {self.token_text(int(i)): float(lsm[i]) for i in best[np.argsort(-lsm[best])]}
+        if token in self.stop_ids:
+            text, self.finish_reason = self.text.flush(), "stop"  # a control token ends the reply, unprinted
+        else:
+            text = self.text.push(self.token_bytes(token))
+            if self.text.stopped:
+                self.finish_reason = "stop"
+            elif len(self.generated) >= p.max_tokens or self.cache.length >= self.cache.capacity:
+                text += self.text.flush()
+                self.finish_reason = "length"
+        return TokenEvent(token, text, logprob, top, self.finish_reason)
