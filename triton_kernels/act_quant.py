@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, NAN, check_runnable, round_half_even
+from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, NAN, cast_for_store, check_runnable, round_half_even
 
 MAX_BLOCK_K = 4096  # elements of a row held per chunk
 TILE = 4096  # elements per program: several short rows share one program
@@ -50,7 +50,7 @@ def act_quant_kernel(x_ptr, xq_ptr, q_ptr, s_ptr, M, K, stride_x, stride_xq, str
         q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0))
         q = tl.where(bad[:, None] > 0, 0.0, q)
         xq = tl.math.div_rn(q, tl.broadcast_to(s[:, None], [BLOCK_M, BLOCK_K]))
-        tl.store(xq_ptr + rows[:, None] * stride_xq + cols[None, :], xq.to(xq_ptr.dtype.element_ty), mask=mask)
+        tl.store(xq_ptr + rows[:, None] * stride_xq + cols[None, :], cast_for_store(xq, xq_ptr), mask=mask)
         if WRITE_INT8:
             tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(tl.int8), mask=mask)
 
@@ -62,11 +62,11 @@ def act_quant(x: torch.Tensor, return_int8: bool = False, out_dtype: torch.dtype
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"act_quant: 'out_dtype' must be one of {OUT_DTYPES}, got {out_dtype}")
-    if x.dim() == 0:
-        raise ValueError("act_quant: 'x' must have at least 1 dimension (tokens along the last), got a scalar")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"act_quant: 'x' must be [..., K] with K > 0 features per token, got shape {tuple(x.shape)}")
     shape = x.shape
     k = shape[-1]
-    m = x.numel() // k if k > 0 else 0
+    m = x.numel() // k
     x2 = x.reshape(m, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -74,7 +74,7 @@ def act_quant(x: torch.Tensor, return_int8: bool = False, out_dtype: torch.dtype
     # without int8 outputs the kernel never touches q_ptr / s_ptr; pass real tensors, not null pointers
     q = torch.empty((m, k), dtype=torch.int8, device=x.device) if return_int8 else xq
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device) if return_int8 else xq
-    block_k = min(triton.next_power_of_2(max(k, 1)), MAX_BLOCK_K)
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
     block_m = max(1, TILE // block_k)
     if m > 0:
         act_quant_kernel[(triton.cdiv(m, block_m),)](

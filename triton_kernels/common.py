@@ -5,6 +5,8 @@ is "almost" IEEE on a GPU:
 - division is `tl.math.div_rn` (Triton's plain `/` may lower to an approximate divide);
 - rounding is round-half-to-even done with the 1.5 * 2**23 trick, exact for |x| < 2**22
   (callers clamp first), because libdevice `rint` does not exist in the interpreter;
+- narrowing to bf16 goes through `round_to_bf16` (the interpreter's own fp32 -> bf16 cast
+  truncates; on a GPU the cast of an already-rounded value is exact, so both agree);
 - kernels launch with `enable_fp_fusion=False`, so `x * s + c` never becomes one fma with a
   different rounding than torch's separate multiply and add.
 Kernels also run under TRITON_INTERPRET=1 on CPU tensors (how the tests run without a GPU);
@@ -30,6 +32,22 @@ ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it l
 def round_half_even(x):
     """fp32 round-half-to-even (torch.round) for |x| < 2**22; NaN stays NaN."""
     return (x + ROUND_MAGIC) - ROUND_MAGIC
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> nearest-even bf16 value, still held in fp32 (NaN stays NaN, overflow gives inf)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def cast_for_store(x, ptr):
+    """fp32 x cast to ptr's element type with round-to-nearest-even on every backend."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = round_to_bf16(x)
+    return x.to(ptr.dtype.element_ty)
 
 
 def check_runnable(t: torch.Tensor, name: str) -> None:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH_OPTIONS
+from .common import LAUNCH_OPTIONS, cast_for_store
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def ste_clip_grad_kernel(gout_ptr, w_ptr, scales_ptr, gw_ptr, N, K, G, clip_fact
     limit = clip_factor * scale
     keep = tl.abs(w) <= limit[:, None]
     gw = tl.where(keep, gout.to(tl.float32), 0.0)
-    tl.store(gw_ptr + rows[:, None] * stride_gw + cols[None, :], gw.to(gw_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_ptr + rows[:, None] * stride_gw + cols[None, :], cast_for_store(gw, gw_ptr), mask=mask)
 
 
 def ste_clip_grad(grad_out: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, NAN, check_runnable, round_half_even
+from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, NAN, cast_for_store, check_runnable, round_half_even
 
 GROUP_SIZES = (64, 128, 256)
 METHODS = ("absmean", "absmax")
@@ -53,7 +53,7 @@ def weight_quant_kernel(w_ptr, wq_ptr, scales_ptr, codes_ptr, N, K, G,
     scale = tl.where(bad, NAN, scale)
     wq = q * scale[:, None]
 
-    tl.store(wq_ptr + rows[:, None] * stride_wq + cols[None, :], wq.to(wq_ptr.dtype.element_ty), mask=mask)
+    tl.store(wq_ptr + rows[:, None] * stride_wq + cols[None, :], cast_for_store(wq, wq_ptr), mask=mask)
     tl.store(scales_ptr + rows * G + g, scale, mask=row_ok)
     if WRITE_CODES:
         tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], q.to(tl.int8), mask=mask)

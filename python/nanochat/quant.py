@@ -125,7 +125,8 @@ def quantize_weight(w: torch.Tensor, group_size: int, method: str = "absmean") -
     if _use_triton(w):
         from triton_kernels import weight_quant_ste
         return weight_quant_ste(w, group_size, method)
-    return w + (weight_quant_ref(w.detach(), group_size, method) - w.detach())
+    # ref + (w - w) is exactly ref in the forward (w + (ref - w) is off by rounding) and identity backward
+    return weight_quant_ref(w.detach(), group_size, method) + (w - w.detach())
 
 
 def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -135,7 +136,7 @@ def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     if _use_triton(x):
         from triton_kernels import act_quant_ste
         return act_quant_ste(x)
-    return x + (act_quant_ref(x.detach()) - x.detach())
+    return act_quant_ref(x.detach()) + (x - x.detach())
 
 
 def weight_scales_codes(w: torch.Tensor, group_size: int, method: str = "absmean") -> tuple[torch.Tensor, torch.Tensor]:
