@@ -126,7 +126,7 @@ def _files_corpus(description: str, root: Path, files: list[Path], strict: bool)
         items.append(({".jsonl": "jsonl", ".parquet": "parquet", ".strict": "strict-text", ".text": "text"}[kind], f, name))
         parts.append([name, st.st_size, st.st_mtime_ns])
         total += st.st_size
-    return Corpus(description=f"{description}: {len(files)} files, {total / 1e6:.1f} MB",
+    return Corpus(description=f"{description}: {len(files)} files, {total / 1e6:.2f} MB",
                   fingerprint=_fingerprint(parts), approx_bytes=total, _items=items)
 
 
