@@ -50,6 +50,7 @@ TOKENIZER_SAMPLE_BYTES = 8_000_000  # enough for stable merges, trains in second
 SHARD_TOKENS = 2**27  # 256 MB per uint16 shard
 CACHE_VERSION = "shards-v1"
 ENCODE_CHUNK_CHARS = 4_000_000  # text handed to encode_batch at once
+PIECE_CHARS = 1_000_000  # longer documents are encoded in newline-aligned pieces of about this size
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -150,22 +151,27 @@ def build_shards(corpus: Corpus, tok: Tokenizer, folder: Path, val_fraction: flo
     writers = {s: ShardWriter(folder, s, dtype, shard_tokens) for s in ("train", "val")}
     doc_lens: dict[str, list[int]] = {"train": [], "val": []}
     bar = tqdm(total=corpus.approx_bytes, unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0)
-    pending: list[tuple[str, str]] = []
+    pending: list[tuple[str, str, bool]] = []  # (split, text, starts a document)
 
     def flush() -> None:
-        for (split, _), ids in zip(pending, tok.encode_batch([text for _, text in pending])):
-            writers[split].append(np.array([tok.bos_id] + ids, dtype=dtype))
-            doc_lens[split].append(len(ids) + 1)
-        bar.update(sum(len(text) for _, text in pending))
+        for (split, _, first), ids in zip(pending, tok.encode_batch([text for _, text, _ in pending])):
+            writers[split].append(np.array([tok.bos_id] + ids if first else ids, dtype=dtype))
+            if first:
+                doc_lens[split].append(len(ids) + 1)
+            else:
+                doc_lens[split][-1] += len(ids)
+        bar.update(sum(len(text) for _, text, _ in pending))
         pending.clear()
 
     chars = 0
     for i, doc in enumerate(corpus.documents()):
-        pending.append(("val" if is_val_document(i, doc.name, val_fraction) else "train", doc.text))
-        chars += len(doc.text)
-        if chars >= ENCODE_CHUNK_CHARS:
-            flush()
-            chars = 0
+        split = "val" if is_val_document(i, doc.name, val_fraction) else "train"
+        for j, piece in enumerate(_pieces(doc.text, PIECE_CHARS)):
+            pending.append((split, piece, j == 0))
+            chars += len(piece)
+            if chars >= ENCODE_CHUNK_CHARS:
+                flush()
+                chars = 0
     flush()
     bar.total = bar.n
     bar.close()
@@ -187,6 +193,16 @@ def build_shards(corpus: Corpus, tok: Tokenizer, folder: Path, val_fraction: flo
              "val_fraction": val_fraction, "val_split": val_split, "skipped_not_utf8": corpus.skipped, **splits}
     _write_json(folder / "index.json", index)
     return index
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """A huge document (a whole book in one .txt) in newline-aligned pieces, so memory stays bounded."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind("\n", start, start + size) + 1 or start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _split_tail(folder: Path, train: dict, doc_lens: list[int], dtype, val_fraction: float, shard_tokens: int):
@@ -252,7 +268,8 @@ class TrainSampler:
         valid = np.array([max(0, len(a) - seq_len) for a in self.stream.arrays])
         eligible = np.clip(limit - self.stream.offsets[:-1], 0, valid)
         if eligible.sum() == 0:
-            raise DataError(f"train split: {len(self.stream)} tokens (longest shard {valid.max() + seq_len - 1 if len(valid) else 0}) "
+            longest = max((len(a) for a in self.stream.arrays), default=0)
+            raise DataError(f"train split: {len(self.stream)} tokens (longest shard {longest}) "
                             f"is too short for one window of seq_len + 1 = {seq_len + 1} tokens")
         rng = np.random.default_rng([self.seed, self.rank, self.batches])
         picks = rng.integers(0, eligible.sum(), size=batch_size)
@@ -293,6 +310,7 @@ class Prefetcher:
         self._state = sampler.state_dict()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._work, name="nanochat-prefetch", daemon=True)
         self._thread.start()
 
@@ -316,8 +334,13 @@ class Prefetcher:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set():
+            raise RuntimeError("Prefetcher: next() after close()")
         item = self._queue.get()
         if isinstance(item, Exception):
+            self._error = item  # the worker has stopped: every later call fails the same way
             raise item
         x, y, self._state = item
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -466,8 +489,8 @@ def _tokenizer_sample(corpus: Corpus, val_fraction: float, sample_bytes: int) ->
     texts, total = [], 0
     for i, doc in enumerate(corpus.documents()):
         if i % stride == 0 and not is_val_document(i, doc.name, val_fraction):
-            texts.append(doc.text)
-            total += len(doc.text)
+            texts.append(doc.text[: sample_bytes - total])  # one huge document must not blow the budget
+            total += len(texts[-1])
             if total >= sample_bytes:
                 break
     if not texts:
