@@ -1,0 +1,124 @@
+//! Per-token int8 absmax activation quantization (python/nanochat/quant.py, bit for bit), and the
+//! activation layouts the kernels read.
+//!
+//!     s = 127 / max(max|x|, 1e-5)        q = clamp(round_half_even(x * s), -128, 127)
+//!
+//! A token with a NaN or inf gets s = NaN and q = 0, so every output of that token is NaN.
+
+use crate::aligned::AlignedBuf;
+use crate::format::{TernaryShape, INT8_COL_ALIGN};
+
+const EPS: f32 = 1e-5;
+
+/// Quantize one token into `q` (same length as `x`); returns s.
+pub fn quantize_token(x: &[f32], q: &mut [i8]) -> f32 {
+    if x.iter().any(|v| !v.is_finite()) {
+        q.fill(0);
+        return f32::NAN;
+    }
+    let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = 127.0f32 / absmax.max(EPS);
+    for (dst, &v) in q.iter_mut().zip(x) {
+        *dst = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    s
+}
+
+/// x [tokens, cols] -> (q [tokens, cols], s [tokens]).
+pub fn quantize_activations(x: &[f32], tokens: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; tokens * cols];
+    let mut s = vec![0f32; tokens];
+    for t in 0..tokens {
+        s[t] = quantize_token(&x[t * cols..(t + 1) * cols], &mut q[t * cols..(t + 1) * cols]);
+    }
+    (q, s)
+}
+
+/// Quantized activations for a ternary matrix of `shape`.
+pub struct TernaryActs {
+    pub tokens: usize,
+    /// K padded to whole groups.
+    pub kp: usize,
+    pub groups: usize,
+    pub s: Vec<f32>,
+    /// [tokens][kp], zero padded.
+    pub q: AlignedBuf,
+    /// [tokens][4 * kp]: chunk c (64 bytes) repeats activation dword 4c + j/4 in dword j (format.rs).
+    pub expanded: AlignedBuf,
+    /// [tokens][groups]: sum of q over each group (the correction for the code + 1 fields).
+    pub group_sums: Vec<i32>,
+}
+
+impl TernaryActs {
+    pub fn new(x: &[f32], tokens: usize, shape: TernaryShape) -> TernaryActs {
+        let (cols, kp, groups, gs) = (shape.cols, shape.padded_cols(), shape.groups(), shape.group_size);
+        let mut q = AlignedBuf::zeroed(tokens * kp);
+        let mut expanded = AlignedBuf::zeroed(tokens * kp * 4);
+        let mut s = vec![0f32; tokens];
+        let mut group_sums = vec![0i32; tokens * groups];
+        for t in 0..tokens {
+            let qt = &mut q.i8s_mut()[t * kp..(t + 1) * kp];
+            s[t] = quantize_token(&x[t * cols..(t + 1) * cols], &mut qt[..cols]);
+            for (g, sum) in group_sums[t * groups..(t + 1) * groups].iter_mut().enumerate() {
+                *sum = qt[g * gs..(g + 1) * gs].iter().map(|&v| v as i32).sum();
+            }
+            let et = &mut expanded.i8s_mut()[t * kp * 4..(t + 1) * kp * 4];
+            for (dst, dword) in et.chunks_exact_mut(16).zip(qt.chunks_exact(4)) {
+                for rep in 0..4 {
+                    dst[rep * 4..rep * 4 + 4].copy_from_slice(dword);
+                }
+            }
+        }
+        TernaryActs { tokens, kp, groups, s, q, expanded, group_sums }
+    }
+}
+
+/// Quantized activations for an int8 matrix with `cols` inputs.
+pub struct Int8Acts {
+    pub tokens: usize,
+    pub kp: usize,
+    pub s: Vec<f32>,
+    /// [tokens][kp], zero padded.
+    pub q: AlignedBuf,
+    /// [tokens]: sum of q (the correction for the +128 offset the VNNI kernel applies to weights).
+    pub sums: Vec<i32>,
+}
+
+impl Int8Acts {
+    pub fn new(x: &[f32], tokens: usize, cols: usize) -> Int8Acts {
+        let kp = cols.div_ceil(INT8_COL_ALIGN) * INT8_COL_ALIGN;
+        let mut q = AlignedBuf::zeroed(tokens * kp);
+        let mut s = vec![0f32; tokens];
+        let mut sums = vec![0i32; tokens];
+        for t in 0..tokens {
+            let qt = &mut q.i8s_mut()[t * kp..(t + 1) * kp];
+            s[t] = quantize_token(&x[t * cols..(t + 1) * cols], &mut qt[..cols]);
+            sums[t] = qt.iter().map(|&v| v as i32).sum();
+        }
+        Int8Acts { tokens, kp, s, q, sums }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_quant_py_rule() {
+        let x = [0.5f32, -1.0, 0.25, 0.0, 0.125, -0.75];
+        let mut q = [0i8; 6];
+        let s = quantize_token(&x, &mut q);
+        assert_eq!(s, 127.0);
+        // 0.25 * 127 = 31.75 -> 32; 0.5 * 127 = 63.5 -> 64 (half to even); -0.75 * 127 = -95.25 -> -95
+        assert_eq!(q, [64, -127, 32, 0, 16, -95]);
+    }
+
+    #[test]
+    fn tiny_and_non_finite_tokens() {
+        let mut q = [0i8; 3];
+        assert_eq!(quantize_token(&[0.0, 0.0, 0.0], &mut q), 127.0 / 1e-5);
+        assert_eq!(q, [0, 0, 0]);
+        assert!(quantize_token(&[1.0, f32::NAN, 0.0], &mut q).is_nan());
+        assert!(quantize_token(&[1.0, f32::INFINITY, 0.0], &mut q).is_nan());
+    }
+}

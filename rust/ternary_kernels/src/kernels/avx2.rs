@@ -1,0 +1,9 @@
+//! AVX2 kernels (placeholder: scalar until the SIMD loops land).
+use crate::act::{Int8Acts, TernaryActs};
+use crate::format::TernaryShape;
+pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
+    super::scalar::ternary(shape, codes, scales, acts, out, ldo)
+}
+pub fn int8(q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
+    super::scalar::int8(q, scales, acts, out, ldo)
+}

@@ -1,0 +1,133 @@
+//! Kernel paths and run-time dispatch: scalar everywhere, AVX2 and AVX-512 on x86_64.
+//!
+//! The best path the CPU supports is detected once and cached; NANOCHAT_TERNARY_ISA=scalar|avx2|
+//! avx512bw|avx512vnni forces one (an error if this CPU lacks it). Tests and benches can also pass
+//! a path explicitly.
+
+use std::sync::OnceLock;
+
+use crate::act::{Int8Acts, TernaryActs};
+use crate::error::{Error, Result};
+use crate::format::TernaryShape;
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Bw,
+    Avx512Vnni,
+}
+
+pub const ALL_ISAS: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Bw, Isa::Avx512Vnni];
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Bw => "avx512bw",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Isa> {
+        ALL_ISAS.into_iter().find(|isa| isa.name() == name.trim().to_ascii_lowercase()).ok_or_else(|| {
+            Error::Isa(format!("NANOCHAT_TERNARY_ISA: expected scalar, avx2, avx512bw or avx512vnni, got {name:?}"))
+        })
+    }
+
+    /// The first CPU feature this path needs that the machine lacks, or None if it can run.
+    pub fn missing_feature(self) -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let needs: &[(&str, bool)] = match self {
+                Isa::Scalar => &[],
+                Isa::Avx2 => &[("avx2", is_x86_feature_detected!("avx2")), ("fma", is_x86_feature_detected!("fma"))],
+                Isa::Avx512Bw => &[
+                    ("avx512f", is_x86_feature_detected!("avx512f")),
+                    ("avx512bw", is_x86_feature_detected!("avx512bw")),
+                    ("avx512vl", is_x86_feature_detected!("avx512vl")),
+                ],
+                Isa::Avx512Vnni => &[
+                    ("avx512f", is_x86_feature_detected!("avx512f")),
+                    ("avx512bw", is_x86_feature_detected!("avx512bw")),
+                    ("avx512vl", is_x86_feature_detected!("avx512vl")),
+                    ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+                ],
+            };
+            needs.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        match self {
+            Isa::Scalar => None,
+            _ => Some("x86_64"),
+        }
+    }
+
+    pub fn available(self) -> bool {
+        self.missing_feature().is_none()
+    }
+}
+
+/// The fastest path this CPU supports.
+pub fn best_isa() -> Isa {
+    ALL_ISAS.into_iter().rev().find(|isa| isa.available()).unwrap_or(Isa::Scalar)
+}
+
+/// The path every call uses: NANOCHAT_TERNARY_ISA if set, else the best; decided once per process.
+pub fn active_isa() -> Result<Isa> {
+    static ACTIVE: OnceLock<Result<Isa>> = OnceLock::new();
+    ACTIVE
+        .get_or_init(|| match std::env::var("NANOCHAT_TERNARY_ISA") {
+            Ok(name) if !name.trim().is_empty() => {
+                let isa = Isa::parse(&name)?;
+                match isa.missing_feature() {
+                    None => Ok(isa),
+                    Some(feat) => Err(Error::Isa(format!(
+                        "NANOCHAT_TERNARY_ISA={} needs the CPU feature {feat}, which this CPU lacks",
+                        isa.name()
+                    ))),
+                }
+            }
+            _ => Ok(best_isa()),
+        })
+        .clone()
+}
+
+/// Ternary kernel on whole tiles: out[t * ldo + row_in_slice] for every token. `isa` must be available.
+pub fn ternary(isa: Isa, shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
+    debug_assert!(isa.available());
+    match isa {
+        Isa::Scalar => scalar::ternary(shape, codes, scales, acts, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::ternary(shape, codes, scales, acts, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bw => avx512::ternary(false, shape, codes, scales, acts, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => avx512::ternary(true, shape, codes, scales, acts, out, ldo),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::ternary(shape, codes, scales, acts, out, ldo),
+    }
+}
+
+/// Int8 kernel on whole rows ([rows][kp]): out[t * ldo + row_in_slice]. `isa` must be available.
+pub fn int8(isa: Isa, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
+    debug_assert!(isa.available());
+    match isa {
+        Isa::Scalar => scalar::int8(q, scales, acts, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::int8(q, scales, acts, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bw => avx512::int8(false, q, scales, acts, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => avx512::int8(true, q, scales, acts, out, ldo),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::int8(q, scales, acts, out, ldo),
+    }
+}

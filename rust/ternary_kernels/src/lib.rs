@@ -1,0 +1,26 @@
+//! nanochat-ternary CPU kernels: packed 2-bit ternary and int8 GEMV/GEMM with scalar, AVX2 and
+//! AVX-512 paths, a pinned NUMA-aware thread pool, and (feature `python`) the `nanochat._ternary`
+//! extension module.
+//!
+//! Only `py.rs` (and the conversion in `error.rs`) touch Python; everything else is plain Rust so
+//! `cargo test` and `cargo bench` run without an interpreter.
+
+pub mod act;
+pub mod aligned;
+pub mod error;
+pub mod format;
+pub mod kernels;
+pub mod matmul;
+pub mod pack;
+pub mod pool;
+pub mod topology;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};
+pub use format::TernaryShape;
+pub use kernels::{active_isa, best_isa, Isa};
+pub use matmul::{int8_matmul, place_int8, place_ternary, ternary_matmul};
+pub use pack::{Int8Shape, PackedInt8, PackedTernary};
+pub use pool::Pool;

@@ -1,0 +1,266 @@
+//! A pinned, NUMA-aware thread pool that splits a matrix's row tiles across threads.
+//!
+//! - Threads: an explicit count, else NANOCHAT_THREADS, else every online CPU. Thread i is pinned
+//!   to one CPU (sched_setaffinity); nodes take turns (topology.rs) so threads spread evenly.
+//! - Placement: `place` packs a matrix as one part per node in use, each part created (first-touched)
+//!   by a thread of that node; `run` then gives each node's part to that node's threads.
+//! - Small jobs (few multiply-adds) run on the calling thread: waking workers costs microseconds,
+//!   and the engine calls 768x768 GEMVs about a hundred times per token.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::matmul::WorkItem;
+use crate::topology::Topology;
+
+/// Below this many multiply-adds per call, one thread does the whole job.
+pub const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+pub struct Pool {
+    threads: usize,
+    /// Node index (into the topology) of each thread.
+    thread_node: Vec<usize>,
+    /// Distinct nodes in use, in first-use order; parts of a placed matrix follow this order.
+    nodes_in_use: Vec<usize>,
+    workers: Option<rayon::ThreadPool>,
+}
+
+/// Pin the calling thread to `cpu`; failure (e.g. a restricted container) only costs locality.
+fn pin_to_cpu(cpu: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: cpu_set_t is a plain bit array for which all-zero is a valid value; CPU_SET only
+        // writes inside it (bounds-checked by libc against CPU_SETSIZE), and sched_setaffinity(0, ..)
+        // reads exactly size_of::<cpu_set_t>() bytes from a live local.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if cpu < libc::CPU_SETSIZE as usize {
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
+}
+
+/// NANOCHAT_THREADS if set (must be a positive integer), else None.
+pub fn threads_from_env() -> Result<Option<usize>> {
+    match std::env::var("NANOCHAT_THREADS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(Error::Threads(format!("NANOCHAT_THREADS: expected a positive integer, got {v:?}"))),
+        },
+        _ => Ok(None),
+    }
+}
+
+impl Pool {
+    /// A pool of `threads` pinned threads over `topo` (1 thread: no workers, everything inline).
+    pub fn new(threads: usize, topo: &Topology) -> Result<Pool> {
+        if threads == 0 {
+            return Err(Error::Threads("thread count must be at least 1, got 0".into()));
+        }
+        let assignment = topo.assign(threads);
+        let thread_node: Vec<usize> = assignment.iter().map(|&(_, node)| node).collect();
+        let mut nodes_in_use = Vec::new();
+        for &n in &thread_node {
+            if !nodes_in_use.contains(&n) {
+                nodes_in_use.push(n);
+            }
+        }
+        let workers = if threads > 1 {
+            let cpus: Vec<usize> = assignment.iter().map(|&(cpu, _)| cpu).collect();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("nanochat-ternary-{i}"))
+                .start_handler(move |i| pin_to_cpu(cpus[i]))
+                .build()
+                .map_err(|e| Error::Threads(format!("cannot start {threads} threads: {e}")))?;
+            Some(pool)
+        } else {
+            None
+        };
+        Ok(Pool { threads, thread_node, nodes_in_use, workers })
+    }
+
+    /// Threads from NANOCHAT_THREADS, else all CPUs of the detected topology.
+    pub fn from_env() -> Result<Pool> {
+        let topo = Topology::detect();
+        let threads = threads_from_env()?.unwrap_or(topo.cpu_count());
+        Pool::new(threads, &topo)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// How a matrix of `tiles` row tiles is split into parts: one per node in use, sized by its threads.
+    pub fn part_ranges(&self, tiles: usize) -> Vec<std::ops::Range<usize>> {
+        let weights: Vec<usize> =
+            self.nodes_in_use.iter().map(|n| self.thread_node.iter().filter(|t| *t == n).count()).collect();
+        split_weighted(tiles, &weights)
+    }
+
+    /// Build one part per node in use, each inside a thread of its node (so its pages live there).
+    pub fn place<P: Send>(&self, tiles: usize, build: impl Fn(std::ops::Range<usize>) -> P + Sync) -> Vec<P> {
+        let ranges = self.part_ranges(tiles);
+        let Some(workers) = (self.nodes_in_use.len() > 1).then_some(()).and(self.workers.as_ref()) else {
+            return ranges.into_iter().map(&build).collect();
+        };
+        let slots: Vec<Mutex<Option<P>>> = ranges.iter().map(|_| Mutex::new(None)).collect();
+        workers.broadcast(|ctx| {
+            let node = self.thread_node[ctx.index()];
+            let first_of_node = self.thread_node.iter().position(|n| *n == node) == Some(ctx.index());
+            if let (true, Some(slot)) = (first_of_node, self.nodes_in_use.iter().position(|n| *n == node)) {
+                let part = build(ranges[slot].clone());
+                if let Ok(mut s) = slots[slot].lock() {
+                    *s = Some(part);
+                }
+            }
+        });
+        let mut parts = Vec::with_capacity(ranges.len());
+        for (slot, range) in slots.into_iter().zip(ranges) {
+            // A poisoned or empty slot cannot happen without a panic in `build`; rebuild here if so.
+            let built = slot.into_inner().ok().flatten();
+            parts.push(built.unwrap_or_else(|| build(range)));
+        }
+        parts
+    }
+
+    /// Per-thread work lists: if the parts follow this pool's nodes, each node's threads split its
+    /// part; otherwise all tiles are split evenly over all threads.
+    pub fn plan(&self, part_tiles: &[usize]) -> Vec<Vec<WorkItem>> {
+        let mut plan = vec![Vec::new(); self.threads];
+        if part_tiles.len() == self.nodes_in_use.len() {
+            for (slot, &node) in self.nodes_in_use.iter().enumerate() {
+                let members: Vec<usize> = (0..self.threads).filter(|&t| self.thread_node[t] == node).collect();
+                for (member, range) in members.iter().zip(split_weighted(part_tiles[slot], &vec![1; members.len()])) {
+                    if !range.is_empty() {
+                        plan[*member].push(WorkItem { part: slot, tiles: range });
+                    }
+                }
+            }
+            return plan;
+        }
+        let total: usize = part_tiles.iter().sum();
+        let shares = split_weighted(total, &vec![1; self.threads]);
+        let mut offset = 0;
+        for (part, &n) in part_tiles.iter().enumerate() {
+            for (thread, share) in shares.iter().enumerate() {
+                let start = share.start.max(offset) - offset;
+                let end = share.end.min(offset + n).saturating_sub(offset);
+                if start < end {
+                    plan[thread].push(WorkItem { part, tiles: start..end });
+                }
+            }
+            offset += n;
+        }
+        plan
+    }
+
+    /// Run `f` on every work item of a matrix with `part_tiles` tiles per part; returns (item, output).
+    /// `work` is the job's multiply-add count: small jobs run inline on the calling thread.
+    pub fn run<F>(&self, part_tiles: &[usize], work: usize, f: F) -> Vec<(WorkItem, Vec<f32>)>
+    where
+        F: Fn(&WorkItem) -> Vec<f32> + Sync,
+    {
+        let whole = || {
+            part_tiles
+                .iter()
+                .enumerate()
+                .map(|(part, &n)| WorkItem { part, tiles: 0..n })
+                .map(|item| {
+                    let out = f(&item);
+                    (item, out)
+                })
+                .collect()
+        };
+        let Some(workers) = self.workers.as_ref() else { return whole() };
+        if work < PARALLEL_MIN_WORK {
+            return whole();
+        }
+        let plan = self.plan(part_tiles);
+        let per_thread = workers.broadcast(|ctx| {
+            plan[ctx.index()].iter().map(|item| (item.clone(), f(item))).collect::<Vec<_>>()
+        });
+        per_thread.into_iter().flatten().collect()
+    }
+}
+
+/// Split `n` into contiguous ranges proportional to `weights` (every unit goes somewhere).
+pub fn split_weighted(n: usize, weights: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let total: usize = weights.iter().sum::<usize>().max(1);
+    let mut out = Vec::with_capacity(weights.len());
+    let mut acc = 0;
+    let mut start = 0;
+    for &w in weights {
+        acc += w;
+        let end = n * acc / total;
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The process-wide pool used by the Python bindings.
+
+static GLOBAL: RwLock<Option<Arc<Pool>>> = RwLock::new(None);
+
+/// The shared pool, created on first use from NANOCHAT_THREADS / the topology.
+pub fn global() -> Result<Arc<Pool>> {
+    if let Ok(guard) = GLOBAL.read() {
+        if let Some(pool) = guard.as_ref() {
+            return Ok(pool.clone());
+        }
+    }
+    let mut guard = GLOBAL.write().map_err(|_| Error::Threads("thread pool lock poisoned".into()))?;
+    if guard.is_none() {
+        *guard = Some(Arc::new(Pool::from_env()?));
+    }
+    guard.as_ref().cloned().ok_or_else(|| Error::Threads("thread pool missing".into()))
+}
+
+/// Replace the shared pool with one of `threads` threads.
+pub fn set_global_threads(threads: usize) -> Result<()> {
+    let pool = Pool::new(threads, &Topology::detect())?;
+    let mut guard = GLOBAL.write().map_err(|_| Error::Threads("thread pool lock poisoned".into()))?;
+    *guard = Some(Arc::new(pool));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Node;
+
+    fn two_nodes() -> Topology {
+        Topology { nodes: vec![Node { id: 0, cpus: vec![0, 1] }, Node { id: 1, cpus: vec![2, 3] }] }
+    }
+
+    #[test]
+    fn split_covers_everything() {
+        assert_eq!(split_weighted(10, &[1, 1, 1]), vec![0..3, 3..6, 6..10]);
+        assert_eq!(split_weighted(2, &[1, 1, 1]), vec![0..0, 0..1, 1..2]);
+    }
+
+    #[test]
+    fn plan_follows_nodes() {
+        let pool = Pool::new(4, &two_nodes()).unwrap();
+        assert_eq!(pool.part_ranges(10), vec![0..5, 5..10]);
+        let plan = pool.plan(&[5, 5]);
+        // threads alternate nodes: 0 -> node 0, 1 -> node 1, 2 -> node 0, 3 -> node 1
+        assert_eq!(plan[0], vec![WorkItem { part: 0, tiles: 0..2 }]);
+        assert_eq!(plan[2], vec![WorkItem { part: 0, tiles: 2..5 }]);
+        assert_eq!(plan[1], vec![WorkItem { part: 1, tiles: 0..2 }]);
+        assert_eq!(plan[3], vec![WorkItem { part: 1, tiles: 2..5 }]);
+    }
+
+    #[test]
+    fn plan_without_matching_parts_splits_evenly() {
+        let pool = Pool::new(2, &two_nodes()).unwrap();
+        let plan = pool.plan(&[3]);
+        assert_eq!(plan, vec![vec![WorkItem { part: 0, tiles: 0..1 }], vec![WorkItem { part: 0, tiles: 1..3 }]]);
+    }
+}
