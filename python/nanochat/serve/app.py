@@ -88,12 +88,17 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     def sampling_params(body, max_tokens: int, logprobs: int | None, seed_offset: int):
         from nanochat.engine import SamplingParams
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, stop=body.stop_list(),
-            # choice i gets seed+i: reproducible, yet the n choices differ
-            seed=None if body.seed is None else body.seed + seed_offset, logprobs=logprobs)
+            # choice i gets seed+i: reproducible, yet the n choices differ; numpy wants seeds >= 0
+            seed=None if body.seed is None else (body.seed + seed_offset) % 2**64, logprobs=logprobs)
+        try:
+            params.validate()
+        except ValueError as e:  # the schema's bounds should catch everything first; this is the engine's word
+            raise InvalidRequest(str(e)) from None
+        return params
 
     def completion_jobs(body: CompletionRequest) -> tuple[list, list[int]]:
         if body.echo:
@@ -144,7 +149,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                 if first_token:
                     metrics.ttft_seconds.labels(endpoint).observe(time.perf_counter() - generation.start)
                     first_token = False
-                choices[index].add(event, tokenizer, fmt.want_logprobs)
+                choices[index].add(event, engine, fmt.want_logprobs)
                 metrics.completion_tokens.inc()
         except ClientDisconnected:
             generation.cancel()
@@ -175,7 +180,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                     metrics.ttft_seconds.labels(endpoint).observe(time.perf_counter() - generation.start)
                     first_token = False
                 seen = len(choice.logprob_items)
-                choice.add(event, tokenizer, fmt.want_logprobs)
+                choice.add(event, engine, fmt.want_logprobs)
                 metrics.completion_tokens.inc()
                 new_items = choice.logprob_items[seen:]
                 if event.text or new_items:

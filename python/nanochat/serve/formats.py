@@ -12,23 +12,21 @@ import uuid
 from dataclasses import dataclass, field
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
 @dataclass
 class Choice:
     max_tokens: int
     text: str = ""
     n_tokens: int = 0
     finish_reason: str | None = None
-    logprob_items: list = field(default_factory=list)  # (token str, logprob, top dict) per token
+    logprob_items: list = field(default_factory=list)  # (token str, token bytes, logprob, top dict) per token
 
-    def add(self, event, tokenizer, want_logprobs: bool) -> None:
+    def add(self, event, engine, want_logprobs: bool) -> None:
+        """Append one TokenEvent; the engine names tokens (token_text, token_bytes) as its top_logprobs do."""
         self.n_tokens += 1
         self.text += event.text
         if want_logprobs and event.logprob is not None:
-            self.logprob_items.append((token_text(tokenizer, event.token_id), event.logprob, event.top_logprobs or {}))
+            self.logprob_items.append((engine.token_text(event.token_id), list(engine.token_bytes(event.token_id)),
+                                       event.logprob, event.top_logprobs or {}))
         if event.finish_reason:
             self.finish_reason = event.finish_reason
 
@@ -62,11 +60,11 @@ class CompletionFormat:
         if not self.want_logprobs:
             return None
         offsets, pos = [], text_offset
-        for tok, _, _ in items:
+        for tok, _, _, _ in items:
             offsets.append(pos)
             pos += len(tok)
-        return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
-                "top_logprobs": [dict(top) for _, _, top in items], "text_offset": offsets}
+        return {"tokens": [t for t, _, _, _ in items], "token_logprobs": [lp for _, _, lp, _ in items],
+                "top_logprobs": [dict(top) for _, _, _, top in items], "text_offset": offsets}
 
     def response(self, choices: list[Choice], usage_dict: dict) -> dict:
         return self.envelope(self.object, [
@@ -93,10 +91,10 @@ class ChatFormat(CompletionFormat):
     def logprobs(self, items: list, text_offset: int = 0) -> dict | None:
         if not self.want_logprobs:
             return None
-        def entry(tok: str, lp: float) -> dict:
-            return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
-        return {"content": [{**entry(tok, lp), "top_logprobs": [entry(t, l) for t, l in top.items()]}
-                            for tok, lp, top in items]}
+        def entry(tok: str, raw: list[int], lp: float) -> dict:
+            return {"token": tok, "logprob": lp, "bytes": raw}
+        return {"content": [{**entry(tok, raw, lp), "top_logprobs": [entry(t, list(t.encode("utf-8")), l) for t, l in top.items()]}
+                            for tok, raw, lp, top in items]}
 
     def response(self, choices: list[Choice], usage_dict: dict) -> dict:
         return self.envelope(self.object, [

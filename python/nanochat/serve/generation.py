@@ -16,7 +16,7 @@ import threading
 import time
 from typing import AsyncIterator
 
-from nanochat.serve.errors import Overloaded, ServiceUnavailable
+from nanochat.serve.errors import InvalidRequest, Overloaded, ServiceUnavailable
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting generation checks that its client is still there
 _DONE = object()
@@ -42,6 +42,9 @@ class Generation:
         except QueueFull:
             self.cancel()
             raise Overloaded("the request queue is full; retry later")
+        except ValueError as e:  # the engine's own check of a prompt or parameter
+            self.cancel()
+            raise InvalidRequest(str(e))
         except RuntimeError as e:  # a closed scheduler (server shutting down)
             self.cancel()
             raise ServiceUnavailable(f"the engine is not accepting requests: {e}")
