@@ -82,6 +82,8 @@ def test_txt_jsonl_parquet_readers(tmp_path):
 def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="data path not found: .*missing.txt"):
         open_corpus(str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="data path not found: nobody/nothing .*hf:nobody/nothing"):
+        open_corpus("nobody/nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty corpus"):
         open_corpus(str(tmp_path / "empty"))

@@ -7,8 +7,8 @@ A spec is one of
   __pycache__, site-packages and node_modules are skipped, as are non-UTF-8 text files);
 - a file: a text/code file (TEXT_EXTENSIONS) is one document; `.jsonl` gives one document per line
   from its "text" field; `.parquet` one per row of its "text" column;
-- `hf:NAME` or `hf:NAME:CONFIG` (or a bare `owner/name` that is not a local path): the "text"
-  column of a Hugging Face dataset's train split, through `datasets` (imported only then).
+- `hf:NAME` or `hf:NAME:CONFIG`: the "text" column of a Hugging Face dataset's train split,
+  through `datasets` (imported only then; it downloads into the HF cache).
 
 Each document has a stable name (path relative to the spec root, `file.jsonl:LINE`,
 `file.parquet#ROW`, `NAME#INDEX`); the validation split is chosen by hashing that name.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -85,9 +84,7 @@ def open_corpus(spec: str | None) -> Corpus:
         return _dir_corpus(path)
     if path.is_file():
         return _file_corpus(path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith(".") and Path(spec).suffix not in TEXT_EXTENSIONS + RECORD_EXTENSIONS:
-        return _hf_corpus(spec)
-    raise DataError(f"data path not found: {spec} (expected a file, a directory, or hf:NAME for a Hugging Face dataset)")
+    raise DataError(f"data path not found: {spec} (expected a file, a directory, or hf:{spec} for a Hugging Face dataset)")
 
 
 def is_val_document(index: int, name: str, val_fraction: float) -> bool:
