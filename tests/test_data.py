@@ -102,6 +102,8 @@ def test_bad_inputs_name_the_problem(tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
     with pytest.raises(DataError, match="latin.txt: not UTF-8"):
         list(open_corpus(str(tmp_path / "latin.txt")).documents())
+    with pytest.raises(DataError, match=r"val_fraction: expected a fraction in \(0, 0.5\), got 0.0"):
+        D.prepare_data(str(tmp_path / "bad.jsonl"), tmp_path / "run", VOCAB, val_fraction=0.0)
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.py").write_text("   \n")
     with pytest.raises(DataError, match="empty corpus"):

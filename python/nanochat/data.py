@@ -432,6 +432,8 @@ def prepare_data(data: str | None, run_dir: str | Path, vocab_size: int, seed: i
                  cache_dir: str | Path | None = None, val_fraction: float = VAL_FRACTION,
                  tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES, shard_tokens: int = SHARD_TOKENS) -> PreparedData:
     """Tokenizer (RUN/tokenizer.json) + token shards (cached) for a `--data` spec; see the module docstring."""
+    if not 0.0 < val_fraction < 0.5:
+        raise DataError(f"val_fraction: expected a fraction in (0, 0.5), got {val_fraction}")
     run_dir, root = Path(run_dir), cache_root(cache_dir)
     corpus = open_corpus(data)
     print(f"corpus: {corpus.description}")
