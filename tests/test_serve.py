@@ -12,7 +12,10 @@ mid-generation (their slots must be freed and counted in /metrics).
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,7 +23,8 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures_model import running_server, tiny_gguf  # noqa: F401 - the fixture is used by name
+from nanochat.serve.settings import parse_settings
+from tests.fixtures_model import REPO, running_server, tiny_gguf  # noqa: F401 - the fixture is used by name
 
 MAX_TOKENS_LIMIT = 500
 MAX_REQUEST_BYTES = 20_000
@@ -341,3 +345,30 @@ def test_metrics_count_requests_tokens_and_latency(server, client):
     assert metric(server, "nanochat_requests_total", '{endpoint="other",status="404"}') >= 1
     text = httpx.get(server + "/metrics", timeout=10).text
     assert "nanochat_queue_depth 0.0" in text and "nanochat_active_sequences 0.0" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# settings and the command line
+
+def test_settings_make_the_flags(monkeypatch, capsys):
+    s = parse_settings(["--model", "m.gguf", "--max-batch", "3", "--max-tokens-limit", "99", "--threads", "2"])
+    assert (s.model, s.max_batch, s.max_tokens_limit, s.threads, s.host, s.port) == ("m.gguf", 3, 99, 2, "127.0.0.1", 8080)
+    assert s.served_model_name == "m" and s.api_key is None
+    monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
+    assert parse_settings(["--model", "m.gguf"]).api_key == "from-env"
+    with pytest.raises(SystemExit):
+        parse_settings(["--model", "m.gguf", "--max-queue", "0"])
+    assert "--max-queue: expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--max-batch", "4"])  # --model is required
+    assert "--model" in capsys.readouterr().err
+
+
+def test_cli_reports_a_bad_model_file_without_traceback(tiny_gguf, tmp_path):  # noqa: F811
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[:2000])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO)])}
+    r = subprocess.run([sys.executable, "-m", "nanochat.serve", "--model", str(truncated)], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot load model" in r.stderr and "truncated" in r.stderr

@@ -20,7 +20,8 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from nanochat.serve.errors import APIError, AuthenticationFailed, ContextLengthExceeded, InvalidRequest, error_body
+from nanochat.serve.errors import (APIError, AuthenticationFailed, ContextLengthExceeded, InvalidRequest, error_body,
+                                   install_error_handlers)
 from nanochat.serve.formats import ChatFormat, Choice, CompletionFormat, usage
 from nanochat.serve.generation import ClientDisconnected, Generation
 from nanochat.serve.metrics import Metrics
@@ -54,7 +55,6 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     app = FastAPI(title="nanochat-ternary", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.engine, app.state.scheduler, app.state.metrics = settings, engine, scheduler, metrics
-    from nanochat.serve.errors import install_error_handlers
     install_error_handlers(app)
     # the middleware added last is the outermost: metrics see every response, including the size limit's 413
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -100,7 +100,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             raise InvalidRequest(str(e)) from None
         return params
 
-    def completion_jobs(body: CompletionRequest) -> tuple[list, list[int]]:
+    def completion_jobs(body: CompletionRequest) -> tuple[list, list[int], int]:
+        """(jobs, max_tokens of each choice, prompt tokens); choice p*n + j is sample j of prompt p."""
         if body.echo:
             raise InvalidRequest("echo: not supported by this server; send echo=false", param="echo")
         if body.suffix:
@@ -132,8 +133,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     # ------------------------------------------------------------------ generation
 
     async def respond(request: Request, body, fmt: CompletionFormat, jobs, max_tokens: list[int], prompt_tokens: int, endpoint: str):
-        metrics.prompt_tokens.inc(prompt_tokens)
         generation = Generation(scheduler, jobs)
+        metrics.prompt_tokens.inc(prompt_tokens)
         choices = [Choice(max_tokens=m) for m in max_tokens]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -57,6 +57,13 @@ class Generation:
                 self.finished[i] = True
                 self.cancelled += 1
 
+    def __del__(self):
+        # safety net: a response that was dropped before it ever streamed must not leave sequences running
+        try:
+            self.cancel()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer (e.g. at interpreter exit)
+            pass
+
     async def events(self, http_request) -> AsyncIterator[tuple[int, object]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
