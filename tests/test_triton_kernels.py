@@ -11,17 +11,38 @@ Run: .venv/bin/python -m pytest tests/test_triton_kernels.py -q
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-if "triton_kernels" in sys.modules and not sys.modules["triton_kernels"].INTERPRET:
-    # imported earlier in this process in compiled mode: re-import so the kernels are interpreted
-    for name in [m for m in sys.modules if m == "triton_kernels" or m.startswith("triton_kernels.")]:
-        del sys.modules[name]
-
 import pytest
 import torch
 
-import triton_kernels as tk
 from nanochat import quant
+
+# triton.jit picks interpreted or compiled when the kernels are defined (and triton re-checks the
+# flag at call time): set it for this module's import and tests only, so other modules are unaffected
+_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
+
+
+def _restore_interpret_flag() -> None:
+    if _SAVED_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+
+
+os.environ["TRITON_INTERPRET"] = "1"
+if "triton_kernels" in sys.modules and not sys.modules["triton_kernels"].INTERPRET:
+    for name in [m for m in sys.modules if m == "triton_kernels" or m.startswith("triton_kernels.")]:
+        del sys.modules[name]  # imported earlier in compiled mode: re-import interpreted
+import triton_kernels as tk  # noqa: E402
+
+_restore_interpret_flag()
+assert tk.INTERPRET
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpret_flag():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret_flag()
 
 METHODS = ("absmean", "absmax")
 # (N, K, group): exact multiples, short last groups, N=1, K smaller than one group
@@ -287,3 +308,20 @@ def test_autocast_output_dtype():
         wq, xq = tk.weight_quant_ste(w, 128), tk.act_quant_ste(x)
     assert_same(wq, quant.weight_quant_ref(w, 128).to(torch.bfloat16), "autocast weight")
     assert_same(xq, quant.act_quant_ref(x).to(torch.bfloat16), "autocast activation")
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU lowering (never seen by the interpreter): compile for sm_90 without a GPU, inspect the PTX
+
+def test_kernels_compile_for_sm90_with_exact_arithmetic():
+    import subprocess
+
+    from triton_kernels.ptx_check import problems
+    assert problems("\tfma.rn.f32 %r1, %r2, %r3, %r4;") and problems("div.full.f32 %r1") and problems("0f4B400000")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python"), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptx_check"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"ptx_check failed:\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert run.stdout.count("sm_90 ok") == 5, run.stdout
