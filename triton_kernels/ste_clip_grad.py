@@ -1,8 +1,8 @@
 """Backward of the clipped straight-through estimator for ternary weights.
 
 grad_w = grad_out where |w| <= clip_factor * scale of w's group, else 0 (fp32 compare; the product
-clip_factor * scale is rounded to fp32 first). A weight far outside its group's range cannot change
-its code any more (it is already +-1), so pushing it further is wasted motion; clipping stops that.
+clip_factor * scale is rounded to fp32 first). A weight far outside its group's range keeps code +-1
+however far it moves, so pushing it further only inflates the shadow weight; clipping stops that.
 A NaN scale (non-finite group) compares false: the whole group gets zero gradient.
 Output dtype is w's dtype (the fp32 shadow weight), whatever grad_out's dtype (fp16 under autocast).
 """
