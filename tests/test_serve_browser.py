@@ -2,7 +2,8 @@
 
 Drives Debian's `chromium` with Playwright against the real server (tests/fixtures_model.py). The
 page must show the same reply the API gives for the same greedy request, delivered in several
-pieces (it streams), and then be ready for the next message, which carries the conversation.
+pieces (it streams); an error (a message too long for the context) must show the server's message
+and leave the conversation usable; the next message must carry the conversation so far.
 Skipped only when chromium is not installed (`scripts/setup.sh --test` installs it).
 
     .venv/bin/python -m pytest tests/test_serve_browser.py -q
@@ -60,7 +61,13 @@ def test_chat_page_streams_a_reply(server, page):
     assert page.locator(".msg.user").nth(0).text_content() == "hello, who are you?"
     assert page.locator(".msg.error").count() == 0
 
-    # a second turn sends the whole conversation
+    # a message too long for the context shows the server's error, and is dropped from the conversation
+    page.fill("#prompt", "word " * 600)
+    page.click("#send")
+    page.locator(".msg.error").wait_for(timeout=60_000)
+    assert "context" in page.locator(".msg.error").text_content()
+
+    # the next turn sends the conversation so far (without the failed turn)
     page.fill("#prompt", "and then?")
     page.click("#send")
     page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length == 2", timeout=60_000)

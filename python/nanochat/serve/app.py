@@ -80,8 +80,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     def check_prompt(ids: list[int], param: str) -> None:
         if len(ids) >= engine.max_seq_len:
             raise ContextLengthExceeded(
-                f"{param} is {len(ids)} tokens but the model's context is {engine.max_seq_len} tokens, "
-                f"and at least one token must remain for the reply; shorten the {param}", param=param)
+                f"{param}: {len(ids)} tokens, but the model's context is {engine.max_seq_len} tokens "
+                f"and at least one must remain for the reply; shorten the {param}", param=param)
         bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
         if bad:
             raise InvalidRequest(f"{param}: token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", param=param)
@@ -225,7 +225,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "max_seq_len": engine.max_seq_len, **scheduler.stats()}
+        return {"status": "ok", "model": model_name, "max_seq_len": engine.max_seq_len,
+                "max_tokens_limit": settings.max_tokens_limit, **scheduler.stats()}
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -39,9 +39,9 @@ class Generation:
             for prompt_ids, params in jobs:
                 self.requests.append(scheduler.submit(prompt_ids, params))
                 self.finished.append(False)
-        except QueueFull:
+        except QueueFull as e:
             self.cancel()
-            raise Overloaded("the request queue is full; retry later")
+            raise Overloaded(f"{e}; nothing of this request was started (the queue size is the server's --max-queue)")
         except ValueError as e:  # the engine's own check of a prompt or parameter
             self.cancel()
             raise InvalidRequest(str(e))
