@@ -9,6 +9,7 @@ Run: .venv/bin/python -m pytest tests/test_triton_kernels.py -q
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -311,18 +312,27 @@ def test_autocast_output_dtype():
 # ---------------------------------------------------------------------------------------------
 # The GPU lowering (never seen by the interpreter): compile for sm_90 without a GPU, inspect the PTX
 
-def test_kernels_compile_for_sm90_with_exact_arithmetic():
-    import subprocess
-
-    from triton_kernels.ptx_check import problems
-    assert problems("\tfma.rn.f32 %r1, %r2, %r3, %r4;") and problems("div.full.f32 %r1") and problems("0f4B400000")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+def run_compiled(*argv: str) -> subprocess.CompletedProcess:
+    """Run a command in a fresh Python with the kernels compiled (not interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python"), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptx_check"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_kernels_compile_for_sm90_with_exact_arithmetic():
+    from triton_kernels.ptx_check import problems
+    assert problems("\tfma.rn.f32 %r1, %r2, %r3, %r4;") and problems("div.full.f32 %r1") and problems("0f4B400000")
+    run = run_compiled("-m", "triton_kernels.ptx_check")
     assert run.returncode == 0, f"ptx_check failed:\n{run.stdout}\n{run.stderr[-3000:]}"
     assert run.stdout.count("sm_90 ok") == 5, run.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_match_reference_on_gpu():
+    # the benchmark's exactness gate alone: every preset shape, ties, zero and NaN groups, on CUDA
+    run = run_compiled("benches/bench_triton.py", "--skip-kernels", "--skip-train", "--presets", "nano-125m")
+    assert run.returncode == 0, f"GPU exactness check failed:\n{run.stdout}\n{run.stderr[-3000:]}"
 
 
 def test_torch_compile_full_graph():
