@@ -10,7 +10,7 @@ is "almost" IEEE on a GPU:
 - kernels launch with `enable_fp_fusion=False`, so `x * s + c` never becomes one fma with a
   different rounding than torch's separate multiply and add.
 Kernels also run under TRITON_INTERPRET=1 on CPU tensors (how the tests run without a GPU);
-that mode is fixed when triton is first imported, so set the variable before importing us.
+triton.jit reads the flag when our kernels are defined, so set it before importing this package.
 """
 
 from __future__ import annotations
