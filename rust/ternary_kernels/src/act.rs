@@ -1,7 +1,9 @@
 //! Per-token int8 absmax activation quantization (python/nanochat/quant.py, bit for bit), and the
 //! activation layouts the kernels read.
 //!
-//!     s = 127 / max(max|x|, 1e-5)        q = clamp(round_half_even(x * s), -128, 127)
+//! ```text
+//! s = 127 / max(max|x|, 1e-5)        q = clamp(round_half_even(x * s), -128, 127)
+//! ```
 //!
 //! A token with a NaN or inf gets s = NaN and q = 0, so every output of that token is NaN.
 
@@ -43,8 +45,6 @@ pub struct TernaryActs {
     pub s: Vec<f32>,
     /// [tokens][kp], zero padded.
     pub q: AlignedBuf,
-    /// [tokens][4 * kp]: chunk c (64 bytes) repeats activation dword 4c + j/4 in dword j (format.rs).
-    pub expanded: AlignedBuf,
     /// [tokens][groups]: sum of q over each group (the correction for the code + 1 fields).
     pub group_sums: Vec<i32>,
 }
@@ -53,7 +53,6 @@ impl TernaryActs {
     pub fn new(x: &[f32], tokens: usize, shape: TernaryShape) -> TernaryActs {
         let (cols, kp, groups, gs) = (shape.cols, shape.padded_cols(), shape.groups(), shape.group_size);
         let mut q = AlignedBuf::zeroed(tokens * kp);
-        let mut expanded = AlignedBuf::zeroed(tokens * kp * 4);
         let mut s = vec![0f32; tokens];
         let mut group_sums = vec![0i32; tokens * groups];
         for t in 0..tokens {
@@ -62,14 +61,8 @@ impl TernaryActs {
             for (g, sum) in group_sums[t * groups..(t + 1) * groups].iter_mut().enumerate() {
                 *sum = qt[g * gs..(g + 1) * gs].iter().map(|&v| v as i32).sum();
             }
-            let et = &mut expanded.i8s_mut()[t * kp * 4..(t + 1) * kp * 4];
-            for (dst, dword) in et.chunks_exact_mut(16).zip(qt.chunks_exact(4)) {
-                for rep in 0..4 {
-                    dst[rep * 4..rep * 4 + 4].copy_from_slice(dword);
-                }
-            }
         }
-        TernaryActs { tokens, kp, groups, s, q, expanded, group_sums }
+        TernaryActs { tokens, kp, groups, s, q, group_sums }
     }
 }
 

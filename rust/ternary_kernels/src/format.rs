@@ -7,14 +7,12 @@
 //! - Rows are grouped in tiles of ROWS_PER_TILE = 4 (M is padded to a multiple of 4 with zero codes
 //!   and zero scales). Within a tile, K is padded to a whole number of groups (Kp = G * group_size).
 //! - A tile is Kp / 64 "vectors" of 64 bytes; vector v holds k in [64 v, 64 v + 64) of all 4 rows.
-//!   Byte b of a vector: dword j = b / 4, byte-in-dword e = b % 4, row r = j % 4, quad q = j / 4.
+//!   Byte b of a vector: dword j = b / 4, byte-in-dword e = b % 4, row r = j / 4, quad q = j % 4.
 //!   Its 2-bit field f (bits 2f, 2f+1) holds the weight of row r at k = 64 v + 16 f + 4 q + e.
-//!   So after `(byte >> 2f) & 3`, dword j of a vector holds 4 consecutive weights of row j % 4, and
-//!   each 128-bit lane holds the 4 rows side by side: one dword accumulator lane per row, no
-//!   horizontal reduction until the end of the row.
+//!   So after `(byte >> 2f) & 3`, each 128-bit lane of a decoded vector holds 16 consecutive weights
+//!   of one row (lane r = row r), all multiplying the same 16 activations q[64 v + 16 f ..][..16]:
+//!   the kernels broadcast those 16 bytes to every lane (a plain broadcast load, no expanded copy).
 //! - Per-group scales: [tile][G][4] f32 (the 4 rows of a tile side by side).
-//! - Activations are expanded to match (`act.rs`): chunk c = 4 v + f (64 bytes) has dword j equal to
-//!   activation dword 4 c + j / 4, i.e. every 4 activations repeated once per row.
 
 /// Rows per tile: the unit of padding, threading and the kernels' register blocking.
 pub const ROWS_PER_TILE: usize = 4;
@@ -35,7 +33,7 @@ pub fn code_position(r: usize, k: usize) -> (usize, u32) {
     let field = within / 16;
     let quad = (within % 16) / 4;
     let e = within % 4;
-    let dword = quad * ROWS_PER_TILE + r;
+    let dword = r * 4 + quad;
     (v * VECTOR_BYTES + dword * 4 + e, 2 * field as u32)
 }
 

@@ -102,3 +102,160 @@ pub fn place_int8(q: &[i8], scales: &[f32], shape: crate::pack::Int8Shape, pool:
     let parts = pool.place(shape.tiles(), |tiles| crate::pack::Int8Part::pack(q, scales, shape, tiles));
     Ok(PackedInt8 { shape, parts })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{TernaryShape, GROUP_SIZES};
+    use crate::kernels::ALL_ISAS;
+    use crate::pack::Int8Shape;
+    use crate::topology::{Node, Topology};
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 24, ..ProptestConfig::default() }
+    }
+
+    /// Paths this CPU can run; the others are reported, never silently passed.
+    fn runnable() -> Vec<Isa> {
+        ALL_ISAS
+            .into_iter()
+            .filter(|isa| match isa.missing_feature() {
+                None => true,
+                Some(feat) => {
+                    eprintln!("skipping the {} path: this CPU lacks {feat}", isa.name());
+                    false
+                }
+            })
+            .collect()
+    }
+
+    fn ternary_case() -> impl Strategy<Value = (TernaryShape, Vec<i8>, Vec<f32>, Vec<f32>, usize)> {
+        (1usize..23, 1usize..700, prop::sample::select(GROUP_SIZES.to_vec()), 1usize..12, any::<u64>()).prop_map(
+            |(rows, cols, group_size, tokens, seed)| {
+                let shape = TernaryShape { rows, cols, group_size };
+                let mut rng = seed;
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                let codes = (0..rows * cols).map(|_| (next() % 3) as i8 - 1).collect();
+                // Powers of two: every partial sum is exact in f32, so all paths must agree bit for bit.
+                let scales = (0..rows * shape.groups()).map(|_| 2f32.powi((next() % 7) as i32 - 3)).collect();
+                let x = (0..tokens * cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                (shape, codes, scales, x, tokens)
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn ternary_pack_round_trip((shape, codes, scales, _x, _t) in ternary_case()) {
+            let m = PackedTernary::new(&codes, &scales, shape).unwrap();
+            let (c, s) = m.unpack();
+            prop_assert_eq!(c, codes);
+            prop_assert_eq!(s, scales);
+        }
+
+        #[test]
+        fn ternary_paths_match_scalar((shape, codes, scales, x, tokens) in ternary_case()) {
+            let pool = Pool::new(1, &Topology::detect()).unwrap();
+            let m = PackedTernary::new(&codes, &scales, shape).unwrap();
+            let want = ternary_matmul(&m, &x, tokens, Isa::Scalar, &pool).unwrap();
+            for isa in runnable() {
+                let got = ternary_matmul(&m, &x, tokens, isa, &pool).unwrap();
+                prop_assert_eq!(&got, &want, "{} differs from scalar for {:?} x {} tokens", isa.name(), shape, tokens);
+            }
+        }
+
+        #[test]
+        fn int8_paths_match_scalar(rows in 1usize..19, cols in 1usize..400, tokens in 1usize..7, seed in any::<u32>()) {
+            let shape = Int8Shape { rows, cols };
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 - 500.0).collect();
+            let (mut q, scales) = PackedInt8::quantize_f32(&w, rows, cols).unwrap();
+            q[0] = -128; // the full int8 range must work on every path
+            let x: Vec<f32> = (0..tokens * cols).map(|i| ((i as u32).wrapping_mul(40503).wrapping_add(seed) % 255) as f32 - 127.0).collect();
+            let m = PackedInt8::new(&q, &scales, shape).unwrap();
+            let (q2, s2) = m.unpack();
+            prop_assert_eq!(&q2, &q);
+            prop_assert_eq!(&s2, &scales);
+            let pool = Pool::new(1, &Topology::detect()).unwrap();
+            let want = int8_matmul(&m, &x, tokens, Isa::Scalar, &pool).unwrap();
+            for isa in runnable() {
+                let got = int8_matmul(&m, &x, tokens, isa, &pool).unwrap();
+                prop_assert_eq!(&got, &want, "{} int8 differs from scalar", isa.name());
+            }
+        }
+    }
+
+    #[test]
+    fn random_scales_stay_within_rounding() {
+        let shape = TernaryShape { rows: 37, cols: 1000, group_size: 128 };
+        let codes: Vec<i8> = (0..shape.rows * shape.cols).map(|i| ((i * 7919) % 3) as i8 - 1).collect();
+        let scales: Vec<f32> = (0..shape.rows * shape.groups()).map(|i| 0.01 + (i % 17) as f32 * 0.003).collect();
+        let x: Vec<f32> = (0..3 * shape.cols).map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0).collect();
+        let pool = Pool::new(1, &Topology::detect()).unwrap();
+        let m = PackedTernary::new(&codes, &scales, shape).unwrap();
+        let want = ternary_matmul(&m, &x, 3, Isa::Scalar, &pool).unwrap();
+        let bound = 1e-5 * want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        for isa in runnable() {
+            let got = ternary_matmul(&m, &x, 3, isa, &pool).unwrap();
+            let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            assert!(err <= bound, "{}: max diff {err} > {bound}", isa.name());
+        }
+    }
+
+    #[test]
+    fn threads_and_parts_do_not_change_results() {
+        let shape = TernaryShape { rows: 203, cols: 300, group_size: 64 };
+        let codes: Vec<i8> = (0..shape.rows * shape.cols).map(|i| ((i * 13) % 3) as i8 - 1).collect();
+        let scales: Vec<f32> = (0..shape.rows * shape.groups()).map(|i| 0.5 + (i % 5) as f32).collect();
+        let x: Vec<f32> = (0..2 * shape.cols).map(|i| ((i * 17) % 100) as f32 / 50.0 - 1.0).collect();
+        let isa = crate::kernels::best_isa();
+        let one = Pool::new(1, &Topology::detect()).unwrap();
+        let m = PackedTernary::new(&codes, &scales, shape).unwrap();
+        let want = ternary_matmul(&m, &x, 2, isa, &one).unwrap();
+        // A fabricated two-node machine: two parts, each split over its node's threads.
+        let topo = Topology { nodes: vec![Node { id: 0, cpus: vec![0] }, Node { id: 1, cpus: vec![1] }] };
+        let pool = Pool::new(3, &topo).unwrap();
+        let placed = place_ternary(&codes, &scales, shape, &pool).unwrap();
+        assert_eq!(placed.parts.len(), 2);
+        assert_eq!(placed.unpack(), (codes.clone(), scales.clone()));
+        let pieces = pool.run(&placed.parts.iter().map(|p| p.tiles).collect::<Vec<_>>(), usize::MAX, |item| {
+            let part = &placed.parts[item.part];
+            let tb = shape.tile_code_bytes();
+            let ts = shape.tile_scales();
+            let acts = TernaryActs::new(&x, 2, shape);
+            let ldo = item.tiles.len() * ROWS_PER_TILE;
+            let mut out = vec![0f32; 2 * ldo];
+            kernels::ternary(
+                isa,
+                &shape,
+                &part.codes.bytes()[item.tiles.start * tb..item.tiles.end * tb],
+                &part.scales.f32s()[item.tiles.start * ts..item.tiles.end * ts],
+                &acts,
+                &mut out,
+                ldo,
+            );
+            out
+        });
+        assert!(pieces.len() >= 3, "every thread should get work, got {} pieces", pieces.len());
+        let firsts: Vec<usize> = placed.parts.iter().map(|p| p.first_tile).collect();
+        assert_eq!(gather(pieces, &firsts, 2, shape.rows), want);
+        // And the public entry point with the real threshold.
+        assert_eq!(ternary_matmul(&placed, &x, 2, isa, &pool).unwrap(), want);
+    }
+
+    #[test]
+    fn wrong_x_length_is_an_error() {
+        let shape = TernaryShape { rows: 4, cols: 64, group_size: 64 };
+        let m = PackedTernary::new(&[0; 256], &[1.0; 4], shape).unwrap();
+        let pool = Pool::new(1, &Topology::detect()).unwrap();
+        let err = ternary_matmul(&m, &[0.0; 63], 1, Isa::Scalar, &pool).unwrap_err();
+        assert!(err.to_string().starts_with("x: expected 1 x 64"), "{err}");
+    }
+}

@@ -1,9 +1,180 @@
-//! AVX2 kernels (placeholder: scalar until the SIMD loops land).
+//! AVX2 kernels (with FMA): decode-and-multiply through `vpmaddubsw`.
+//!
+//! Ternary: each 64-byte packed vector is read as two 32-byte halves; half h holds rows 2h and
+//! 2h+1 (one per 128-bit lane, format.rs). Field f = `(w >> 2f) & 3` (code + 1) times the 16
+//! activations broadcast to both lanes, through `vpmaddubsw` into i16 (exact: a group adds at most
+//! 16 products of |2 x 2 x 128| = 512 per i16), widened once per group with `vpmaddwd`, corrected by
+//! the group's activation sum, converted to f32 and fused-multiply-added with the row scales.
+//! Up to MAX_TOKENS tokens share each decoded half (GEMM).
+//!
+//! Int8: |w| x sign(x, w) through `vpmaddubsw` (exact while |x| <= 127, which the quantizer ensures).
+
+use std::arch::x86_64::*;
+
 use crate::act::{Int8Acts, TernaryActs};
-use crate::format::TernaryShape;
-pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
-    super::scalar::ternary(shape, codes, scales, acts, out, ldo)
+use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
+use crate::kernels::scalar::finish_int8;
+
+/// Tokens sharing each decoded half (16 ymm registers: 2 i16 + 2 f32 accumulators per token).
+const MAX_TOKENS: usize = 2;
+const INT8_TOKENS: usize = 2;
+
+struct Ternary<'a> {
+    codes: &'a [u8],
+    scales: &'a [f32],
+    q: &'a [i8],
+    group_sums: &'a [i32],
+    s: &'a [f32],
+    kp: usize,
+    groups: usize,
+    vectors_per_group: usize,
+    tile_bytes: usize,
 }
+
+pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
+    let tile_bytes = shape.tile_code_bytes();
+    let n_tiles = codes.len() / tile_bytes;
+    let k = Ternary {
+        codes,
+        scales,
+        q: acts.q.i8s(),
+        group_sums: &acts.group_sums,
+        s: &acts.s,
+        kp: acts.kp,
+        groups: shape.groups(),
+        vectors_per_group: shape.vectors_per_group(),
+        tile_bytes,
+    };
+    assert!(k.kp == tile_bytes && k.kp % VECTOR_BYTES == 0 && acts.q.len() >= acts.tokens * k.kp);
+    assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
+    assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
+    for tile in 0..n_tiles {
+        let mut t0 = 0;
+        while t0 < acts.tokens {
+            let nt = (acts.tokens - t0).min(MAX_TOKENS);
+            // SAFETY: kernels::ternary only selects this path when Isa::available() confirmed avx2
+            // and fma; the asserts above bound every offset used.
+            unsafe {
+                match nt {
+                    1 => tile_avx2::<1>(&k, tile, t0, out, ldo),
+                    _ => tile_avx2::<2>(&k, tile, t0, out, ldo),
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    let mask3 = _mm256_set1_epi8(3);
+    let ones16 = _mm256_set1_epi16(1);
+    let codes = k.codes.as_ptr().add(tile * k.tile_bytes);
+    let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
+    let q = k.q.as_ptr().add(t0 * k.kp);
+    // [half][token]
+    let mut facc = [[_mm256_setzero_ps(); NT]; 2];
+    for g in 0..k.groups {
+        let mut acc = [[_mm256_setzero_si256(); NT]; 2];
+        for vi in 0..k.vectors_per_group {
+            let v = g * k.vectors_per_group + vi;
+            for h in 0..2 {
+                let w = _mm256_load_si256(codes.add(v * VECTOR_BYTES + h * 32) as *const __m256i);
+                let fields = [
+                    _mm256_and_si256(w, mask3),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask3),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask3),
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask3),
+                ];
+                for (f, d) in fields.into_iter().enumerate() {
+                    for t in 0..NT {
+                        let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
+                        let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(xp));
+                        acc[h][t] = _mm256_add_epi16(acc[h][t], _mm256_maddubs_epi16(d, x));
+                    }
+                }
+            }
+        }
+        for h in 0..2 {
+            // lanes 0..3 -> row 2h, lanes 4..7 -> row 2h + 1
+            let s0 = *scales.add(g * ROWS_PER_TILE + 2 * h);
+            let s1 = *scales.add(g * ROWS_PER_TILE + 2 * h + 1);
+            let sc = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+            for t in 0..NT {
+                let sum = *k.group_sums.get_unchecked((t0 + t) * k.groups + g);
+                let correction = _mm256_setr_epi32(sum, 0, 0, 0, sum, 0, 0, 0);
+                let exact = _mm256_sub_epi32(_mm256_madd_epi16(acc[h][t], ones16), correction);
+                facc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sc, facc[h][t]);
+            }
+        }
+    }
+    for t in 0..NT {
+        // hadd twice: [r(2h) x4 | r(2h+1) x4] -> per-lane sums; combine halves into 4 rows.
+        let a = _mm256_hadd_ps(facc[0][t], facc[1][t]); // lane0: r0a r0b r2a r2b | lane1: r1a r1b r3a r3b
+        let b = _mm256_hadd_ps(a, a); // lane0: r0 r2 r0 r2 | lane1: r1 r3 r1 r3
+        let lo = _mm256_castps256_ps128(b);
+        let hi = _mm256_extractf128_ps::<1>(b);
+        let rows = _mm_unpacklo_ps(lo, hi); // r0 r1 r2 r3
+        let y = _mm_div_ps(rows, _mm_set1_ps(*k.s.get_unchecked(t0 + t)));
+        _mm_storeu_ps(out.as_mut_ptr().add((t0 + t) * ldo + tile * ROWS_PER_TILE), y);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Int8 x int8 (output head)
+
 pub fn int8(q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
-    super::scalar::int8(q, scales, acts, out, ldo)
+    let kp = acts.kp;
+    let rows = q.len() / kp;
+    assert!(kp % 64 == 0 && rows % ROWS_PER_TILE == 0 && scales.len() >= rows && acts.q.len() >= acts.tokens * kp);
+    assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + rows);
+    for tile in 0..rows / ROWS_PER_TILE {
+        let mut t0 = 0;
+        while t0 < acts.tokens {
+            let nt = (acts.tokens - t0).min(INT8_TOKENS);
+            // SAFETY: kernels::int8 only selects this path when avx2 and fma were detected; the
+            // asserts above bound every row, token and output offset.
+            unsafe {
+                match nt {
+                    1 => int8_avx2::<1>(q, scales, acts, tile, t0, out, ldo),
+                    _ => int8_avx2::<2>(q, scales, acts, tile, t0, out, ldo),
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int8_avx2<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    let kp = acts.kp;
+    let ones16 = _mm256_set1_epi16(1);
+    let w_base = q.as_ptr().add(tile * ROWS_PER_TILE * kp);
+    let x_base = acts.q.i8s().as_ptr().add(t0 * kp);
+    let mut acc = [[_mm256_setzero_si256(); NT]; ROWS_PER_TILE];
+    for c in (0..kp).step_by(32) {
+        let mut xs = [_mm256_setzero_si256(); NT];
+        for t in 0..NT {
+            xs[t] = _mm256_load_si256(x_base.add(t * kp + c) as *const __m256i);
+        }
+        for r in 0..ROWS_PER_TILE {
+            let w = _mm256_load_si256(w_base.add(r * kp + c) as *const __m256i);
+            let magnitude = _mm256_abs_epi8(w);
+            for t in 0..NT {
+                let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xs[t], w));
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(pairs, ones16));
+            }
+        }
+    }
+    for r in 0..ROWS_PER_TILE {
+        let row = tile * ROWS_PER_TILE + r;
+        for t in 0..NT {
+            let v = acc[r][t];
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
+            let dot = _mm_cvtsi128_si32(s1);
+            *out.get_unchecked_mut((t0 + t) * ldo + row) = finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
+        }
+    }
 }

@@ -1,9 +1,244 @@
-//! AVX-512 kernels (placeholder: scalar until the SIMD loops land).
+//! AVX-512 kernels: AVX-512BW (`vpmaddubsw`) and VNNI (`vpdpbusd`), decode-and-multiply.
+//!
+//! Ternary: a 64-byte packed vector is 4 rows x 64 weights; `(w >> 2f) & 3` gives field f, whose
+//! 128-bit lane r holds 16 weights of row r (format.rs), all multiplying the same 16 activations,
+//! broadcast to the 4 lanes. Fields are the unsigned code + 1, so u8 x s8 multiplies are exact and
+//! the per-group activation sum is subtracted once per row (sum(c x) = sum((c+1) x) - sum(x)).
+//! Per group the exact i32 lanes are converted to f32 and fused-multiply-added with the row scales;
+//! the 4 lanes of a row are summed at the end of the row. Up to MAX_TOKENS tokens share each decoded
+//! vector (GEMM), so the decode is paid once per weight tile, not once per token.
+//!
+//! Int8: per row, `vpdpbusd((w ^ 0x80), x)` = sum((w + 128) x), minus 128 * sum(x); BW without VNNI
+//! uses |w| x sign(x, w) through `vpmaddubsw` (exact: pairs stay within +-32512 since |x| <= 127).
+
+use std::arch::x86_64::*;
+
 use crate::act::{Int8Acts, TernaryActs};
-use crate::format::TernaryShape;
-pub fn ternary(_vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
-    super::scalar::ternary(shape, codes, scales, acts, out, ldo)
+use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
+use crate::kernels::scalar::finish_int8;
+
+/// Tokens sharing each decoded weight vector (accumulators: 2 zmm per token).
+const MAX_TOKENS: usize = 8;
+/// Int8: tokens per register block (4 rows x 4 tokens accumulators).
+const INT8_TOKENS: usize = 4;
+
+/// Everything one ternary call reads, with lengths checked once in `ternary`.
+struct Ternary<'a> {
+    codes: &'a [u8],
+    scales: &'a [f32],
+    q: &'a [i8],
+    group_sums: &'a [i32],
+    s: &'a [f32],
+    kp: usize,
+    groups: usize,
+    vectors_per_group: usize,
+    tile_bytes: usize,
 }
-pub fn int8(_vnni: bool, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
-    super::scalar::int8(q, scales, acts, out, ldo)
+
+macro_rules! dispatch_tokens {
+    ($nt:expr, $f:ident, $($arg:expr),*) => {
+        match $nt {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+
+pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
+    let tile_bytes = shape.tile_code_bytes();
+    let n_tiles = codes.len() / tile_bytes;
+    let k = Ternary {
+        codes,
+        scales,
+        q: acts.q.i8s(),
+        group_sums: &acts.group_sums,
+        s: &acts.s,
+        kp: acts.kp,
+        groups: shape.groups(),
+        vectors_per_group: shape.vectors_per_group(),
+        tile_bytes,
+    };
+    // The bounds every pointer below stays within (kp == tile_bytes: 4 rows x 2 bits = 1 byte per k).
+    assert!(k.kp == tile_bytes && k.kp % VECTOR_BYTES == 0 && acts.q.len() >= acts.tokens * k.kp);
+    assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
+    assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
+    for tile in 0..n_tiles {
+        let mut t0 = 0;
+        while t0 < acts.tokens {
+            let nt = (acts.tokens - t0).min(MAX_TOKENS);
+            // SAFETY: kernels::ternary only selects this path when Isa::available() confirmed
+            // avx512f/bw/vl (and vnni for `vnni`); the asserts above bound every offset used.
+            unsafe {
+                if vnni {
+                    dispatch_tokens!(nt, tile_vnni, &k, tile, t0, out, ldo)
+                } else {
+                    dispatch_tokens!(nt, tile_bw, &k, tile, t0, out, ldo)
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_vnni<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    tile_body::<NT, true>(k, tile, t0, out, ldo)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn tile_bw<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    tile_body::<NT, false>(k, tile, t0, out, ldo)
+}
+
+/// One 4-row tile for tokens t0..t0+NT. Callers guarantee the CPU features and the bounds.
+#[inline(always)]
+unsafe fn tile_body<const NT: usize, const VNNI: bool>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    let mask3 = _mm512_set1_epi8(3);
+    let ones16 = _mm512_set1_epi16(1);
+    let lane_of_row = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let codes = k.codes.as_ptr().add(tile * k.tile_bytes);
+    let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
+    let q = k.q.as_ptr().add(t0 * k.kp);
+    let mut facc = [_mm512_setzero_ps(); NT];
+    for g in 0..k.groups {
+        // VNNI accumulates i32 directly; BW accumulates maddubs pairs in i16 (|sum| <= 16 x 512) per group.
+        let mut acc = [_mm512_setzero_si512(); NT];
+        for vi in 0..k.vectors_per_group {
+            let v = g * k.vectors_per_group + vi;
+            let w = _mm512_load_si512(codes.add(v * VECTOR_BYTES) as *const __m512i);
+            let fields = [
+                _mm512_and_si512(w, mask3),
+                _mm512_and_si512(_mm512_srli_epi16::<2>(w), mask3),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask3),
+                _mm512_and_si512(_mm512_srli_epi16::<6>(w), mask3),
+            ];
+            for (f, d) in fields.into_iter().enumerate() {
+                for t in 0..NT {
+                    let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
+                    let x = _mm512_broadcast_i32x4(_mm_loadu_si128(xp));
+                    acc[t] = if VNNI {
+                        _mm512_dpbusd_epi32(acc[t], d, x)
+                    } else {
+                        _mm512_add_epi16(acc[t], _mm512_maddubs_epi16(d, x))
+                    };
+                }
+            }
+        }
+        let sc4 = _mm512_castps128_ps512(_mm_loadu_ps(scales.add(g * ROWS_PER_TILE)));
+        let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
+        for t in 0..NT {
+            let raw = if VNNI { acc[t] } else { _mm512_madd_epi16(acc[t], ones16) };
+            let correction = _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
+            let exact = _mm512_sub_epi32(raw, correction);
+            facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sc, facc[t]);
+        }
+    }
+    let first_of_lane = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    for t in 0..NT {
+        let v = facc[t];
+        let a = _mm512_add_ps(v, _mm512_permute_ps::<0b01_00_11_10>(v));
+        let b = _mm512_add_ps(a, _mm512_permute_ps::<0b10_11_00_01>(a));
+        let rows = _mm512_castps512_ps128(_mm512_permutexvar_ps(first_of_lane, b));
+        let y = _mm_div_ps(rows, _mm_set1_ps(*k.s.get_unchecked(t0 + t)));
+        _mm_storeu_ps(out.as_mut_ptr().add((t0 + t) * ldo + tile * ROWS_PER_TILE), y);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Int8 x int8 (output head)
+
+pub fn int8(vnni: bool, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
+    let kp = acts.kp;
+    let rows = q.len() / kp;
+    assert!(kp % 64 == 0 && rows % ROWS_PER_TILE == 0 && scales.len() >= rows && acts.q.len() >= acts.tokens * kp);
+    assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + rows);
+    for tile in 0..rows / ROWS_PER_TILE {
+        let mut t0 = 0;
+        while t0 < acts.tokens {
+            let nt = (acts.tokens - t0).min(INT8_TOKENS);
+            // SAFETY: kernels::int8 only selects this path when Isa::available() confirmed the
+            // features; the asserts above bound every row, token and output offset.
+            unsafe {
+                match (vnni, nt) {
+                    (true, 1) => int8_vnni::<1>(q, scales, acts, tile, t0, out, ldo),
+                    (true, 2) => int8_vnni::<2>(q, scales, acts, tile, t0, out, ldo),
+                    (true, 3) => int8_vnni::<3>(q, scales, acts, tile, t0, out, ldo),
+                    (true, _) => int8_vnni::<4>(q, scales, acts, tile, t0, out, ldo),
+                    (false, 1) => int8_bw::<1>(q, scales, acts, tile, t0, out, ldo),
+                    (false, 2) => int8_bw::<2>(q, scales, acts, tile, t0, out, ldo),
+                    (false, 3) => int8_bw::<3>(q, scales, acts, tile, t0, out, ldo),
+                    (false, _) => int8_bw::<4>(q, scales, acts, tile, t0, out, ldo),
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn int8_vnni<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    int8_body::<NT, true>(q, scales, acts, tile, t0, out, ldo)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn int8_bw<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    int8_body::<NT, false>(q, scales, acts, tile, t0, out, ldo)
+}
+
+#[inline(always)]
+unsafe fn int8_body<const NT: usize, const VNNI: bool>(
+    q: &[i8],
+    scales: &[f32],
+    acts: &Int8Acts,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let kp = acts.kp;
+    let offset = _mm512_set1_epi8(-128);
+    let ones16 = _mm512_set1_epi16(1);
+    let zero = _mm512_setzero_si512();
+    let w_base = q.as_ptr().add(tile * ROWS_PER_TILE * kp);
+    let x_base = acts.q.i8s().as_ptr().add(t0 * kp);
+    let mut acc = [[_mm512_setzero_si512(); NT]; ROWS_PER_TILE];
+    for c in (0..kp).step_by(64) {
+        let mut xs = [zero; NT];
+        for t in 0..NT {
+            xs[t] = _mm512_load_si512(x_base.add(t * kp + c) as *const __m512i);
+        }
+        for r in 0..ROWS_PER_TILE {
+            let w = _mm512_load_si512(w_base.add(r * kp + c) as *const __m512i);
+            if VNNI {
+                let u = _mm512_xor_si512(w, offset);
+                for t in 0..NT {
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xs[t]);
+                }
+            } else {
+                let negative = _mm512_movepi8_mask(w);
+                let magnitude = _mm512_abs_epi8(w);
+                for t in 0..NT {
+                    let signed_x = _mm512_mask_sub_epi8(xs[t], negative, zero, xs[t]);
+                    let pairs = _mm512_maddubs_epi16(magnitude, signed_x);
+                    acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_madd_epi16(pairs, ones16));
+                }
+            }
+        }
+    }
+    for r in 0..ROWS_PER_TILE {
+        let row = tile * ROWS_PER_TILE + r;
+        for t in 0..NT {
+            let mut dot = _mm512_reduce_add_epi32(acc[r][t]);
+            if VNNI {
+                dot -= 128 * *acts.sums.get_unchecked(t0 + t);
+            }
+            *out.get_unchecked_mut((t0 + t) * ldo + row) = finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
+        }
+    }
 }

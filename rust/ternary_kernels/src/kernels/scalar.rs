@@ -27,7 +27,7 @@ pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &Ternar
                     let vector = &tile_codes[v * VECTOR_BYTES..(v + 1) * VECTOR_BYTES];
                     for (b, &byte) in vector.iter().enumerate() {
                         let (dword, e) = (b / 4, b % 4);
-                        let (r, quad) = (dword % ROWS_PER_TILE, dword / ROWS_PER_TILE);
+                        let (r, quad) = (dword / 4, dword % 4);
                         let base = v * WEIGHTS_PER_VECTOR + quad * 4 + e;
                         for f in 0..4 {
                             let field = ((byte >> (2 * f)) & 3) as i32;
