@@ -1,8 +1,12 @@
 """Run untrusted generated code in a subprocess that cannot take the evaluator down.
 
-`run_program(source)` writes `source` to `prog.py` in a fresh temporary directory and runs it with
-`sys.executable -I` (isolated mode: no PYTHON* env vars, no user site, no cwd on sys.path) behind
-these layers, outermost first:
+`run_program(source)` writes `source` to `prog.py` in a fresh temporary directory (its cwd) and
+runs it with `sys.executable -I` (isolated mode: no PYTHON* env vars, no user site, no cwd on
+sys.path) behind these layers, outermost first. A small launcher (a fresh single-threaded
+`python -I -S`) sets up layers 2-4 and then execs the sandboxed interpreter, so the evaluator
+itself forks without running Python code in the child (no preexec_fn). When the throw-away uid
+cannot execute sys.executable (a venv whose base Python lives under a 0700 /root), a system Python
+of the same version is used instead: the program only needs the standard library.
 
 1. Process group + wall-clock timeout: the child starts its own session (start_new_session), the
    whole group is SIGKILLed when the wall-clock limit passes. Output goes to files, not pipes, so
@@ -38,11 +42,10 @@ itself could not run it.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
+import json
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -52,7 +55,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-CLONE_NEWNET = 0x40000000
 UID_BASE = 1_000_000  # throw-away uids live above every real account
 MAX_PROCS = 64  # RLIMIT_NPROC per run (threads count too)
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -134,14 +136,30 @@ class SandboxResult:
         return self.status == "passed"
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+# The launcher runs as the evaluator's user in a fresh single-threaded interpreter, sets up the
+# namespace and limits, drops to the throw-away uid and execs the sandboxed interpreter. Doing this
+# in a separate process instead of a preexec_fn keeps fork() of the (multi-threaded) evaluator free
+# of Python code, so a lock held by another thread at fork time cannot hang the evaluator.
+LAUNCHER = r'''
+import ctypes, json, os, resource, sys
+cfg = json.loads(sys.argv[1])
+if cfg["netns"] and ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:
+    sys.stderr.write("sandbox launcher: unshare(CLONE_NEWNET) failed: errno %d\n" % ctypes.get_errno())
+    os._exit(121)
+for name, value in cfg["limits"].items():
+    resource.setrlimit(getattr(resource, name), (value[0], value[1]))
+if cfg["uid"] is not None:
+    os.setgroups([])
+    os.setgid(cfg["uid"])
+    os.setuid(cfg["uid"])
+os.execv(cfg["argv"][0], cfg["argv"])
+'''
+LAUNCHER_FAILED = 121
 
 
-def _try_unshare_net() -> None:
-    if _libc().unshare(CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+def _launch_command(argv: list[str], uid: int | None, netns: bool, limits: dict) -> list[str]:
+    cfg = {"uid": uid, "netns": netns, "limits": limits, "argv": argv}
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)]
 
 
 @dataclass(frozen=True)
@@ -151,19 +169,14 @@ class _Setup:
     network_namespace: bool
 
 
-def _runs(python: str, preexec) -> bool:
+def _runs(python: str, uid: int | None, netns: bool) -> bool:
+    argv = [python, "-I", "-c", "import json, math, collections"]
     try:
-        subprocess.run([python, "-I", "-c", "import json, math, collections"], preexec_fn=preexec, cwd="/",
-                       check=True, timeout=30, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(_launch_command(argv, uid, netns, {}), cwd="/", check=True, timeout=30,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return True
     except (OSError, subprocess.SubprocessError):
         return False
-
-
-def _drop_to(uid: int) -> None:
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
 
 
 @functools.cache
@@ -171,15 +184,14 @@ def _setup() -> _Setup:
     """Probe once which layers this machine supports, by running tiny children."""
     if os.geteuid() != 0:
         return _Setup(sys.executable, own_uid=False, network_namespace=False)
-    netns = _runs(sys.executable, _try_unshare_net)
+    netns = _runs(sys.executable, None, True)
     # A venv's interpreter may live where other users cannot reach (e.g. under /root, mode 0700):
     # then fall back to a system Python of the same version, which only needs its stdlib here.
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     candidates = [sys.executable, getattr(sys, "_base_executable", sys.executable),
                   shutil.which(version, path="/usr/local/bin:/usr/bin:/bin"), f"/usr/bin/{version}"]
-    probe_uid = UID_BASE - 1
     for python in filter(None, dict.fromkeys(candidates)):
-        if _runs(python, functools.partial(_drop_to, probe_uid)):
+        if _runs(python, UID_BASE - 1, False):
             return _Setup(python, own_uid=True, network_namespace=netns)
     return _Setup(sys.executable, own_uid=False, network_namespace=netns)
 
@@ -191,18 +203,13 @@ def sandbox_layers() -> dict:
             "rlimits": True, "python_guard": True}
 
 
-def _child_setup(uid: int | None, netns: bool, cpu_seconds: int, memory_bytes: int) -> None:
-    """Runs in the child between fork and exec: namespace, limits, then drop to the throw-away uid."""
-    if netns:
-        _try_unshare_net()
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if uid is not None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCS, MAX_PROCS))
-        _drop_to(uid)
+def _limits(uid: int | None, cpu_seconds: int, memory_bytes: int) -> dict:
+    limits = {"RLIMIT_CPU": (cpu_seconds, cpu_seconds + 1), "RLIMIT_AS": (memory_bytes, memory_bytes),
+              "RLIMIT_FSIZE": (MAX_FILE_BYTES, MAX_FILE_BYTES), "RLIMIT_NOFILE": (MAX_OPEN_FILES, MAX_OPEN_FILES),
+              "RLIMIT_CORE": (0, 0)}
+    if uid is not None:  # counted per uid: only meaningful for a uid of its own
+        limits["RLIMIT_NPROC"] = (MAX_PROCS, MAX_PROCS)
+    return limits
 
 
 def _pids_of_uid(uid: int) -> list[int]:
@@ -253,6 +260,8 @@ def _last_line(text: str) -> str:
 def _classify(returncode: int, nonce: str, stdout: str, stderr: str, memory_mb: int) -> tuple[str, str]:
     if returncode == 0 and stdout.rstrip().endswith(nonce):
         return "passed", "ok"
+    if returncode == LAUNCHER_FAILED and stderr.startswith("sandbox launcher:"):
+        return "error", _last_line(stderr)
     if returncode == -signal.SIGXCPU:
         return "timeout", "CPU-time limit reached"
     if returncode == -signal.SIGXFSZ:
@@ -283,13 +292,13 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024) -> San
         os.chmod(workdir, 0o700)
         out_path, err_path = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        child_setup = functools.partial(_child_setup, uid, setup.network_namespace,
-                                  int(timeout) + 1, memory_mb * 1024 * 1024)
+        command = _launch_command([setup.python, "-I", "runner.py"], uid, setup.network_namespace,
+                                  _limits(uid, int(timeout) + 1, memory_mb * 1024 * 1024))
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
-                proc = subprocess.Popen([setup.python, "-I", "runner.py"], cwd=workdir, env=env,
+                proc = subprocess.Popen(command, cwd=workdir, env=env,
                                         stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                        start_new_session=True, preexec_fn=child_setup, close_fds=True)
+                                        start_new_session=True, close_fds=True)
             except (OSError, subprocess.SubprocessError) as e:
                 return SandboxResult("error", f"sandbox could not start the program: {e}")
             try:
