@@ -105,6 +105,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
     health = stats(server)
     assert health["status"] == "ok" and health["max_seq_len"] == 512
 

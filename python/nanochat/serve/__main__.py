@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"nanochat.serve: model {settings.served_model_name} (context {engine.max_seq_len} tokens), "
           f"batch {settings.max_batch}, queue {settings.max_queue}, api key {'required' if settings.api_key else 'off'}; "
           f"http://{settings.host}:{settings.port}/", flush=True)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"nanochat.serve: warning: listening on {settings.host} without --api-key: anyone who can reach "
+              "this port can use the model", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from nanochat.serve.errors import (APIError, AuthenticationFailed, ContextLengthExceeded, InvalidRequest, error_body,
-                                   install_error_handlers)
+from nanochat.serve.errors import (APIError, AuthenticationFailed, ContextLengthExceeded, InvalidRequest, NotFound,
+                                   error_body, install_error_handlers)
 from nanochat.serve.formats import ChatFormat, Choice, CompletionFormat, usage
 from nanochat.serve.generation import ClientDisconnected, Generation
 from nanochat.serve.metrics import Metrics
@@ -169,37 +169,41 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         text_offsets = [0] * len(choices)
         first_token = True
         completed = False
+        pending = ""  # SSE text not yet written: events that arrive together go out in one write
         try:
             for chunk in fmt.start_chunks(len(choices)):
                 yield sse(chunk)
             async for index, event in generation.events(request):
                 choice = choices[index]
                 if event is None:
-                    yield sse(fmt.finish_chunk(index, choice.finish()))
-                    continue
-                if first_token:
-                    metrics.ttft_seconds.labels(endpoint).observe(time.perf_counter() - generation.start)
-                    first_token = False
-                seen = len(choice.logprob_items)
-                choice.add(event, engine, fmt.want_logprobs)
-                metrics.completion_tokens.inc()
-                new_items = choice.logprob_items[seen:]
-                if event.text or new_items:
-                    yield sse(fmt.delta_chunk(index, event.text, new_items, text_offsets[index]))
-                    text_offsets[index] += len(event.text)
+                    pending += sse(fmt.finish_chunk(index, choice.finish()))
+                else:
+                    if first_token:
+                        metrics.ttft_seconds.labels(endpoint).observe(time.perf_counter() - generation.start)
+                        first_token = False
+                    seen = len(choice.logprob_items)
+                    choice.add(event, engine, fmt.want_logprobs)
+                    metrics.completion_tokens.inc()
+                    new_items = choice.logprob_items[seen:]
+                    if event.text or new_items:
+                        pending += sse(fmt.delta_chunk(index, event.text, new_items, text_offsets[index]))
+                        text_offsets[index] += len(event.text)
+                if pending and not generation.ready():
+                    yield pending
+                    pending = ""
             if include_usage:
-                yield sse({**fmt.envelope(fmt.chunk_object, [], None),
-                           "usage": usage(prompt_tokens, sum(c.n_tokens for c in choices))})
-            yield "data: [DONE]\n\n"
+                pending += sse({**fmt.envelope(fmt.chunk_object, [], None),
+                                "usage": usage(prompt_tokens, sum(c.n_tokens for c in choices))})
+            yield pending + "data: [DONE]\n\n"
             completed = True
             metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - generation.start)
         except ClientDisconnected:
             pass
         except APIError as e:  # headers are sent: report the error in the stream itself
-            yield sse(error_body(e.message, e.type, e.param, e.code))
+            yield pending + sse(error_body(e.message, e.type, e.param, e.code))
         except Exception:
             log.exception("generation failed mid-stream")
-            yield sse(error_body("internal server error during generation; see the server log", "server_error"))
+            yield pending + sse(error_body("internal server error during generation; see the server log", "server_error"))
         finally:
             generation.cancel()
             if not completed:
@@ -222,6 +226,13 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
     async def models():
         return ModelList(data=[ModelCard(id=model_name, created=started)])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=[Depends(require_api_key)])
+    async def model_card(model_id: str):
+        if model_id != model_name:
+            raise NotFound(f"model {model_id!r} is not served here; this server serves {model_name!r}", param="model",
+                           code="model_not_found")
+        return ModelCard(id=model_name, created=started)
 
     @app.get("/health")
     async def health():

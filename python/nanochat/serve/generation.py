@@ -35,6 +35,7 @@ class Generation:
         self.requests = []
         self.finished: list[bool] = []
         self.cancelled = 0
+        self._queue: asyncio.Queue | None = None
         try:
             for prompt_ids, params in jobs:
                 self.requests.append(scheduler.submit(prompt_ids, params))
@@ -64,9 +65,13 @@ class Generation:
         except Exception:  # noqa: BLE001 - never raise from a finalizer (e.g. at interpreter exit)
             pass
 
+    def ready(self) -> int:
+        """Events already waiting to be yielded (lets a streaming response batch its writes)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     async def events(self, http_request) -> AsyncIterator[tuple[int, object]]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        self._queue = queue = asyncio.Queue()
         for index, req in enumerate(self.requests):
             threading.Thread(target=_drain, args=(index, req, loop, queue), daemon=True,
                              name=f"nanochat-drain-{index}").start()
@@ -75,17 +80,20 @@ class Generation:
         getter = None
         try:
             while remaining:
-                # asyncio.wait (unlike wait_for) never cancels the pending get, so no event is lost
-                getter = getter or asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
                 if time.monotonic() - last_poll >= DISCONNECT_POLL_S:
                     last_poll = time.monotonic()
                     if await http_request.is_disconnected():
                         raise ClientDisconnected()
-                if not getter.done():
-                    continue
-                index, item = getter.result()
-                getter = None
+                if queue.empty():
+                    # asyncio.wait (unlike wait_for) never cancels the pending get, so no event is lost
+                    getter = getter or asyncio.ensure_future(queue.get())
+                    await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                    if not getter.done():
+                        continue
+                    index, item = getter.result()
+                    getter = None
+                else:
+                    index, item = queue.get_nowait()
                 if item is _DONE:
                     self.finished[index] = True
                     remaining -= 1

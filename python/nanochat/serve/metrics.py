@@ -17,6 +17,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 def endpoint_label(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
     return path if path in KNOWN_ENDPOINTS else "other"
 
 
