@@ -175,3 +175,19 @@ def test_bad_flag_values_exit_2_from_the_command_line(capsys):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}:{REPO}"}
     r = subprocess.run([sys.executable, "-m", "nanochat.train", "--steps", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "--steps: expected a positive integer, got 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_auto_sized_curriculum_run(corpus, tmp_path):
+    """No --steps: a throughput probe sizes the run to --time-budget (at least 10 steps); the
+    curriculum grows windows with tokens per step held steady, and the chosen sizes are saved."""
+    args = run_args(corpus, tmp_path / "auto", "--time-budget", "1", "--curriculum", "--curriculum-min-len", "8",
+                    "--log-interval", "1")
+    summary = train_mod.train(args)
+    saved = json.loads((tmp_path / "auto/config.json").read_text())["train"]
+    assert summary["step"] == saved["steps"] == 10 and saved["curriculum_steps"] == 3 and saved["eval_interval"] == 1
+    rec = [json.loads(line) for line in (tmp_path / "auto/metrics.jsonl").read_text().splitlines()]
+    lens = [r["seq_len"] for r in rec if r["kind"] == "train"]
+    assert lens[0] == 8 and lens == sorted(lens) and lens[-1] == 32
+    plan = [train_mod.curriculum_plan(s, args) for s in range(4)]
+    assert all(0 <= 4 * 32 - b * t < t for b, t, _ in plan)  # tokens per step steady, up to one window
+    assert plan[0][2] < plan[2][2] <= plan[3][2] == 1.0  # data progress: easy (short documents) first

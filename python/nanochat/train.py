@@ -1,7 +1,8 @@
 """Train a ternary GPT (quantization-aware) and write a run folder: checkpoints, metrics, loss plot.
 
 The default job (no flags): the `tiny` preset on the built-in corpus (the Python standard library's
-own sources), about 10 minutes on 2 CPU cores, validation loss going clearly down:
+own sources) for as many steps as fit --time-budget (570 s, measured by a short probe), about 10
+minutes on 2 CPU cores, validation loss going clearly down:
     .venv/bin/python -m nanochat.train
 One GPU, nano-125m in bf16:
     .venv/bin/python -m nanochat.train --preset nano-125m --device cuda --precision bf16 --steps 5000
@@ -30,15 +31,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# OpenMP threads that spin at barriers starve each other on shared cores (measured 6x slower on the
+# loaded 2-core dev box); sleeping waits cost little. Only effective before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from nanochat import checkpoint
-from nanochat.checkpoint import CheckpointError
-from nanochat.corpus import DataError
-from nanochat.config import PRESETS, ConfigError, ModelConfig, preset
-from nanochat.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
-from nanochat.metrics import MetricsLogger
+import torch  # noqa: E402
 
+from nanochat import checkpoint  # noqa: E402
+from nanochat.checkpoint import CheckpointError  # noqa: E402
+from nanochat.config import PRESETS, ConfigError, ModelConfig, preset  # noqa: E402
+from nanochat.corpus import DataError  # noqa: E402
+from nanochat.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed  # noqa: E402
+from nanochat.metrics import MetricsLogger  # noqa: E402
+
+EVALS_PER_RUN = 8  # default eval interval: this many evals over the run (plus the one at step 0)
 # Dense fp16/bf16 tensor-core peak per device (TFLOPS), for MFU; fp32 runs count TF32 at half of it.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10": 125.0, "4090": 165.0, "3090": 71.0}
@@ -108,14 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest/ checkpoint")
     p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and sampling")
     # batch shape
-    p.add_argument("--steps", type=positive_int, default=450, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="optimizer steps (default: as many as fit --time-budget, from a short throughput probe)")
+    p.add_argument("--time-budget", type=positive_float, default=570.0,
+                   help="seconds for the whole job when --steps is not given (data, evals and checkpoints included)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="micro-batch size (sequences per forward, per process)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches accumulated per optimizer step")
     p.add_argument("--seq-len", type=positive_int, default=256, help="training window length (<= the preset's max_seq_len)")
     # optimization
     p.add_argument("--lr", type=positive_float, default=1.0,
                    help="multiplier on every optimizer's base LR (Muon and AdamW have their own base LRs in optim.py)")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=None, help="LR warmup steps (default: 2%% of --steps)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None, help="LR warmup steps (default: 2%% of --steps, at least 1)")
     p.add_argument("--decay-frac", type=float, default=0.2, help="fraction of steps in the final linear LR decay (WSD)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; -1 = off")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -126,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curriculum-min-len", type=positive_int, default=64, help="first window length of the curriculum")
     # logging, evaluation, checkpoints
     p.add_argument("--log-interval", type=positive_int, default=10, help="steps between train log lines")
-    p.add_argument("--eval-interval", type=int, default=50, help="steps between validation evals; -1 = only at the end")
-    p.add_argument("--eval-tokens", type=positive_int, default=65536, help="held-out tokens per validation eval")
-    p.add_argument("--checkpoint-interval", type=int, default=100, help="steps between latest/ checkpoints; -1 = only at the end")
+    p.add_argument("--eval-interval", type=int, default=None,
+                   help=f"steps between validation evals (default: --steps / {EVALS_PER_RUN}); -1 = only at the end")
+    p.add_argument("--eval-tokens", type=positive_int, default=16384, help="held-out tokens per validation eval (the same first windows each time)")
+    p.add_argument("--checkpoint-interval", type=int, default=None,
+                   help="steps between latest/ checkpoints (default: --steps / 4); -1 = only at the end")
     p.add_argument("--humaneval-at-end", type=non_negative_int, default=0, metavar="K",
                    help="after training, run HumanEval with K samples per problem (needs nanochat.eval); 0 = off")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
@@ -158,9 +169,9 @@ def check_args(args: argparse.Namespace, config: ModelConfig) -> None:
         raise ConfigError(f"--curriculum-min-len: expected <= --seq-len={args.seq_len}, got {args.curriculum_min_len}")
     if not 0.0 <= args.decay_frac <= 1.0:
         raise ConfigError(f"--decay-frac: expected a fraction in [0, 1], got {args.decay_frac}")
-    if args.eval_interval == 0 or args.eval_interval < -1:
+    if args.eval_interval is not None and (args.eval_interval == 0 or args.eval_interval < -1):
         raise ConfigError(f"--eval-interval: expected a positive step count or -1 (off), got {args.eval_interval}")
-    if args.checkpoint_interval == 0 or args.checkpoint_interval < -1:
+    if args.checkpoint_interval is not None and (args.checkpoint_interval == 0 or args.checkpoint_interval < -1):
         raise ConfigError(f"--checkpoint-interval: expected a positive step count or -1 (off), got {args.checkpoint_interval}")
     if args.resume:
         latest = Path(args.out) / "latest"
@@ -305,8 +316,35 @@ def curriculum_plan(step: int, args) -> tuple[int, int, float]:
     return args.batch_size * args.seq_len // seq_len, seq_len, 0.2 + 0.8 * frac
 
 
-def warmup_steps(args) -> int:
-    return args.warmup_steps if args.warmup_steps is not None else max(1, int(0.02 * args.steps))
+def probe_step_seconds(config: ModelConfig, args, device: str, precision: str, info: DistInfo, steps: int = 3) -> float:
+    """Seconds per optimizer step, timed on a throwaway copy of the model with random tokens (after one
+    untimed step), so an auto-sized run's length is fixed before its first real step; max over ranks."""
+    from nanochat.model import GPT
+    from nanochat.optim import build_optimizers
+
+    rng_state = torch.get_rng_state()  # the probe must not shift the real run's random streams
+    model = GPT(config).to(device)
+    optimizers = build_optimizers(model, lr=args.lr)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
+    shape = (args.batch_size, args.seq_len)
+    micro = [(torch.randint(0, config.vocab_size, shape, device=device),) * 2 for _ in range(args.grad_accum)]
+    autocast_ctx = autocast_context(device, precision)
+    for i in range(steps + 1):
+        if i == 1:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(torch.device(device))
+            t0 = time.perf_counter()
+        accumulate_gradients(model, micro, autocast_ctx, scaler)
+        optimizer_step(model, optimizers, scaler, args.grad_clip)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+    seconds = (time.perf_counter() - t0) / steps
+    torch.set_rng_state(rng_state)
+    if info.enabled:
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        seconds = t.item()
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,10 +359,9 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
     from nanochat.model import GPT
     from nanochat.optim import build_optimizers, set_lr, wsd_lr
 
+    job_t0 = time.perf_counter()
     config = model_config_from_args(args)
     args.out = args.out or os.path.join("runs", args.preset)
-    if args.curriculum and args.curriculum_steps is None:
-        args.curriculum_steps = max(1, int(0.3 * args.steps))
     check_args(args, config)
     info, device = setup_distributed(pick_device(args.device))
     precision = pick_precision(args.precision, device)
@@ -344,16 +381,57 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     log(f"model: preset {args.preset}, {model.num_params():,} parameters "
-        f"({model.num_params(non_embedding=True):,} in blocks), device {device}, precision {precision}")
+        f"({model.num_params(non_embedding=True):,} in blocks), device {device}, precision {precision}, "
+        f"{torch.get_num_threads()} CPU threads")
     optimizers = build_optimizers(model, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
+    autocast_ctx = autocast_context(device, precision)
     sampler = data.train_sampler(info.rank, info.world_size, seed=args.seed, order="length" if args.curriculum else "corpus")
     start_step, train_state = 0, {"best_val_loss": float("inf"), "skipped_steps": 0, "tokens_seen": 0}
     if args.resume:
         state = checkpoint.load_checkpoint(run_dir, model, optimizers=optimizers, scaler=scaler,
                                            sampler=sampler, device=device, name="latest")
         start_step, train_state = state["step"], {**train_state, **state["train_state"]}
-        log(f"resumed from {state['path']} at step {start_step}")
+        saved = checkpoint.read_json(run_dir / checkpoint.RUN_CONFIG)["train"]
+        for key in ("steps", "eval_interval", "checkpoint_interval", "warmup_steps", "curriculum_steps"):
+            if getattr(args, key) is None:  # an auto-sized run resumes with the sizes it chose
+                setattr(args, key, saved.get(key))
+        log(f"resumed from {state['path']} at step {start_step} of {args.steps}")
+    metrics = MetricsLogger(run_dir, resume_step=start_step if args.resume else None) if info.is_master else None
+
+    def run_eval(step: int) -> float:
+        max_batches = math.ceil(args.eval_tokens / (args.batch_size * args.seq_len * info.world_size))
+        val = data.val_batches(args.batch_size, args.seq_len, max_batches, info.rank, info.world_size)
+        val_loss = evaluate(model, val, device, autocast_ctx, info)
+        bpb = data.bits_per_byte(val_loss)  # the split's bytes-per-token ratio also holds for its first windows
+        if info.is_master:
+            metrics.log("eval", step, val_loss=val_loss, val_bpb=bpb)
+            metrics.plot()
+        return val_loss
+
+    summary = {"losses": [], "val_losses": [], "run_dir": str(run_dir)}
+    eval_seconds = 0.0
+    if start_step == 0:
+        t0 = time.perf_counter()
+        summary["val_losses"].append((0, run_eval(0)))
+        eval_seconds = time.perf_counter() - t0
+        log(f"step 0: val loss {summary['val_losses'][-1][1]:.4f} | bpb {data.bits_per_byte(summary['val_losses'][-1][1]):.4f} "
+            f"({eval_seconds:.1f} s)")
+    if args.steps is None:
+        step_seconds = probe_step_seconds(config, args, device, precision, info)
+        spent = time.perf_counter() - job_t0
+        args.steps = max(10, int((args.time_budget - spent - (EVALS_PER_RUN + 1) * eval_seconds) / step_seconds))
+        log(f"steps: {args.steps} (auto: {step_seconds:.2f} s/step, {eval_seconds:.1f} s/eval, {spent:.0f} s spent, "
+            f"budget {args.time_budget:.0f} s; --steps N to choose)")
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, int(0.02 * args.steps))
+    args.eval_interval = args.eval_interval or max(1, args.steps // EVALS_PER_RUN)
+    args.checkpoint_interval = args.checkpoint_interval or max(1, args.steps // 4)
+    if args.curriculum and args.curriculum_steps is None:
+        args.curriculum_steps = max(1, int(0.3 * args.steps))
+    if info.is_master:
+        checkpoint.write_run_config(run_dir, config, {**vars(args), "precision": precision, "device": device,
+                                                       "world_size": info.world_size})
+
     # background batches; micro-batch i belongs to step i // grad_accum (sampler.batches counts micro-batches)
     batches = data_lib.Prefetcher(sampler, device=device, plan=lambda i: curriculum_plan(i // args.grad_accum, args))
     train_model = model
@@ -367,19 +445,12 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
             train_model, device_ids=[info.local_rank] if device.startswith("cuda") else None)
     no_sync = train_model.no_sync if info.enabled else None
 
-    if info.is_master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        train_args = {k: v for k, v in vars(args).items()}
-        checkpoint.write_run_config(run_dir, config, {**train_args, "precision": precision, "device": device,
-                                                       "world_size": info.world_size})
-    metrics = MetricsLogger(run_dir, resume_step=start_step if args.resume else None) if info.is_master else None
-    autocast_ctx = autocast_context(device, precision)
     peak_flops = device_peak_flops(device, precision)
-    warmup, eval_interval = warmup_steps(args), (args.eval_interval if args.eval_interval > 0 else args.steps)
+    eval_interval = args.eval_interval if args.eval_interval > 0 else args.steps
     ckpt_interval = args.checkpoint_interval if args.checkpoint_interval > 0 else args.steps
 
     def lr_mult(step: int) -> float:
-        return wsd_lr(step, args.steps, warmup, args.decay_frac)
+        return wsd_lr(step, args.steps, args.warmup_steps, args.decay_frac)
 
     def save(name: str, step: int, val_loss: float | None) -> None:
         if info.is_master:
@@ -388,22 +459,8 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
                                        tokenizer_path=run_dir / checkpoint.TOKENIZER)
         barrier(info)
 
-    def run_eval(step: int) -> float:
-        max_batches = math.ceil(args.eval_tokens / (args.batch_size * args.seq_len * info.world_size))
-        val = data.val_batches(args.batch_size, args.seq_len, max_batches, info.rank, info.world_size)
-        val_loss = evaluate(model, val, device, autocast_ctx, info)
-        bpb = data.bits_per_byte(val_loss)  # the split's bytes-per-token ratio also holds for its first windows
-        if info.is_master:
-            metrics.log("eval", step, val_loss=val_loss, val_bpb=bpb)
-            metrics.plot()
-        return val_loss
-
-    summary = {"losses": [], "val_losses": [], "run_dir": str(run_dir)}
     bar = None
     try:
-        if start_step == 0:
-            summary["val_losses"].append((0, run_eval(0)))
-            log(f"step 0: val loss {summary['val_losses'][-1][1]:.4f}")
         if info.is_master and not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=args.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)

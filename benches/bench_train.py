@@ -1,0 +1,92 @@
+"""Training-step throughput: tokens/s and MFU of one preset on one device and precision, with the
+ternary/int8 fake quantization on (QAT, what training runs) and off (plain linears, the baseline).
+
+Random tokens, the real model and optimizers (Muon + AdamW), forward + backward + step, timed after
+warm-up steps. A request for CUDA without a GPU is an error, never a silent CPU run.
+
+    .venv/bin/python benches/bench_train.py                                   # tiny, CPU, fp32
+    .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision bf16 --batch-size 16 --seq-len 1024
+    .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision fp16 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from nanochat.config import PRESETS, preset
+from nanochat.model import GPT
+from nanochat.optim import build_optimizers
+from nanochat.train import accumulate_gradients, autocast_context, device_peak_flops, optimizer_step
+
+
+def bench(model, optimizers, scaler, device: str, precision: str, batch_size: int, seq_len: int,
+          warmup: int, steps: int) -> float:
+    """Seconds per optimizer step (mean over `steps` after `warmup`)."""
+    vocab = model.config.vocab_size
+    autocast = autocast_context(device, precision)
+    batches = [(torch.randint(0, vocab, (batch_size, seq_len), device=device),
+                torch.randint(0, vocab, (batch_size, seq_len), device=device)) for _ in range(4)]
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        accumulate_gradients(model, [batches[i % len(batches)]], autocast, scaler)
+        optimizer_step(model, optimizers, scaler, grad_clip=1.0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast dtype")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain-linear (quantization off) baseline")
+    args = p.parse_args()
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} requested but torch sees no CUDA device; not falling back to CPU", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    config = preset(args.preset)
+    if args.seq_len > config.max_seq_len:
+        print(f"error: --seq-len {args.seq_len} > max_seq_len {config.max_seq_len} of {args.preset}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    model = GPT(config).to(args.device)
+    train_model = torch.compile(model) if args.compile else model
+    optimizers = build_optimizers(model)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.precision == "fp16")
+    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else \
+        f"CPU, {args.threads} threads ({os.cpu_count()} cores visible)"
+    print(f"{args.preset}: {model.num_params():,} params | {where} | {args.precision} | batch {args.batch_size} x {args.seq_len}")
+
+    peak = device_peak_flops(args.device, args.precision)
+    flops_per_token = model.flops_per_token(args.seq_len)
+    modes = [("QAT (ternary w, int8 act)", True)] + ([] if args.no_plain else [("plain linears", False)])
+    for name, quantize in modes:
+        model.set_quantization(quantize)
+        sec = bench(train_model, optimizers, scaler, args.device, args.precision, args.batch_size, args.seq_len,
+                    args.warmup, args.steps)
+        tok_s = args.batch_size * args.seq_len / sec
+        mfu = f"{100 * tok_s * flops_per_token / peak:.1f}%" if peak else "n/a"
+        mem = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else ""
+        print(f"  {name:28s} {sec * 1000:9.1f} ms/step  {tok_s:12,.0f} tok/s  MFU {mfu}{mem}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
