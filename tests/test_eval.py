@@ -161,14 +161,19 @@ def tiny(tmp_path_factory):
 
     from nanochat.checkpoint import save_checkpoint
     from nanochat.config import ModelConfig
+    from nanochat.data import prepare_data
     from nanochat.export import export_gguf
     from nanochat.model import GPT
-    from nanochat.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("eval_tiny")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(PANGRAM * 6 if i % 2 == 0 else OTHER_TEXT * 3)
+    run = root / "run"
+    # the run folder as training makes it: tokenizer.json, data.json and the held-out split
+    tokenizer = prepare_data(str(corpus), run, vocab_size=320, cache_dir=root / "cache").tokenizer
     torch.manual_seed(0)
-    tokenizer = Tokenizer.train([PANGRAM * 4, OTHER_TEXT * 4], vocab_size=320)
-    tokenizer.save(root / "tokenizer.json")
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_mult=2.0,
                       max_seq_len=128, group_size=64, mhc_streams=2)
     model = GPT(cfg)
@@ -181,8 +186,7 @@ def tiny(tmp_path_factory):
         loss.backward()
         optimizer.step()
     model.eval()
-    run = root / "run"
-    save_checkpoint(run, "latest", model, cfg, step=TRAIN_STEPS, tokenizer_path=root / "tokenizer.json")
+    save_checkpoint(run, "latest", model, cfg, step=TRAIN_STEPS, tokenizer_path=run / "tokenizer.json")
     (root / "gguf").mkdir()
     gguf = export_gguf(model, cfg, tokenizer, root / "gguf" / "tiny.gguf", name="tiny")
     text = root / "text.txt"
@@ -203,6 +207,22 @@ def test_bpb_of_pytorch_and_gguf_agree(tiny):
     assert torch_result["bpb"] == pytest.approx(
         torch_result["loss"] * torch_result["tokens"] / (math.log(2) * torch_result["bytes"]))
     assert torch_result["perplexity"] == pytest.approx(math.exp(torch_result["loss"]))
+
+
+def test_bpb_on_the_held_out_split_of_the_run(tiny, tmp_path):
+    from nanochat.data import val_tokens
+
+    assert eval_main(["--task", "bpb", "--checkpoint", str(tiny["run"]), "--seq-len", "4",
+                      "--out-dir", str(tmp_path / "torch")]) == 0
+    assert eval_main(["--task", "bpb", "--model", str(tiny["gguf"]), "--run", str(tiny["run"]), "--seq-len", "4",
+                      "--out-dir", str(tmp_path / "engine")]) == 0
+    torch_result = json.loads((tmp_path / "torch" / "eval_bpb.json").read_text())
+    engine_result = json.loads((tmp_path / "engine" / "eval_bpb.json").read_text())
+    assert "held-out" in torch_result["data"]
+    n_val = len(val_tokens(tiny["run"]))
+    assert torch_result["windows"] == (n_val - 1) // 4 >= 2 and torch_result["tokens"] > 0
+    assert torch_result["bytes"] == engine_result["bytes"]
+    assert abs(torch_result["bpb"] - engine_result["bpb"]) / torch_result["bpb"] < 0.01, (torch_result, engine_result)
 
 
 def test_bpb_is_low_on_the_memorised_text(tiny):

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="engine threads for --model (default: the engine's)")
     p.add_argument("--out-dir", help="where results go (default: next to the model)")
     # data
-    p.add_argument("--data", help="bpb: a .txt/.jsonl(text)/folder of text; mbpp: an MBPP-format .jsonl")
+    p.add_argument("--data", help="bpb: any training --data spec (file, folder, .jsonl/.parquet, hf:NAME); "
+                                  "mbpp: an MBPP-format .jsonl")
     p.add_argument("--run", help="bpb with --model: the run folder whose held-out split to use")
     p.add_argument("--seq-len", type=int, default=-1, help="bpb window length; -1 = the model's max_seq_len")
     p.add_argument("--eval-tokens", type=int, default=65536, help="bpb: tokens to score; -1 = all")
@@ -66,14 +67,16 @@ def run_bpb(source, args) -> dict:
     from nanochat.eval import bpb
 
     if args.data:
-        tokens = bpb.tokens_of_texts(bpb.read_texts(args.data), source.tokenizer)
+        # ~8 bytes per token is more than any BPE averages, so this reads enough text and not the whole corpus
+        max_bytes = -1 if args.eval_tokens < 0 else 8 * (args.eval_tokens + 1)
+        tokens = bpb.tokens_of_texts(bpb.read_texts(args.data, max_bytes), source.tokenizer)
         data_name = args.data
     else:
         run_dir = args.run or args.checkpoint
         if run_dir is None:
             raise ValueError("--task bpb with --model needs --data TEXT or --run RUN_FOLDER (for its held-out split)")
         run_path = Path(run_dir)
-        if not (run_path / "config.json").is_file() and (run_path.parent / "config.json").is_file():
+        if not (run_path / "data.json").is_file() and (run_path.parent / "data.json").is_file():
             run_path = run_path.parent  # a checkpoint folder inside a run
         tokens = bpb.held_out_tokens(run_path)
         data_name = f"{run_path} (held-out split)"

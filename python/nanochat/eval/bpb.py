@@ -21,7 +21,6 @@ identical with, this module's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
-
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json")
 
 
 @dataclass
@@ -57,27 +54,21 @@ def summarize(nats: float, tokens: int, n_bytes: int, windows: int) -> BpbResult
 # ---------------------------------------------------------------------------------------------
 # Data: token stream -> windows, scored-token mask and byte count
 
-def read_texts(path: str | Path) -> list[str]:
-    """Documents of a --data input: a text file, a .jsonl with a "text" field, or a folder of text files."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise ValueError(f"--data {path}: folder has no text files ({', '.join(TEXT_SUFFIXES)})")
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: no such file or folder: {path}")
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"--data {path}: line {i}: expected an object with a string field 'text', got {line[:80]!r}")
-            texts.append(row["text"])
-        return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
+def read_texts(spec: str, max_bytes: int = -1) -> list[str]:
+    """Documents of a --data input, read exactly as training reads a corpus (nanochat.corpus):
+    a text file, a folder, a .jsonl/.parquet with a "text" field, or hf:NAME. Stops after about
+    max_bytes of text (-1 = all): bpb scores only the first --eval-tokens anyway."""
+    from nanochat.corpus import open_corpus
+
+    texts, total = [], 0
+    for doc in open_corpus(spec).documents():
+        texts.append(doc.text)
+        total += len(doc.text)
+        if 0 <= max_bytes <= total:
+            break
+    if not texts:
+        raise ValueError(f"--data {spec}: no documents with text")
+    return texts
 
 
 def tokens_of_texts(texts: list[str], tokenizer) -> np.ndarray:
