@@ -109,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     # data and output
     p.add_argument("--data", default=None,
                    help="corpus: a directory or file (.py/.txt/.md/..., .jsonl with 'text', .parquet with 'text') "
-                        "or a Hugging Face dataset name; default: the Python standard library's .py sources")
+                        "or hf:NAME for a Hugging Face dataset; default: the Python standard library's .py sources")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest/ checkpoint")
     p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and sampling")
-    # batch shape
+    # run length and batch shape
     p.add_argument("--steps", type=positive_int, default=None,
                    help="optimizer steps (default: as many as fit --time-budget, from a short throughput probe)")
     p.add_argument("--time-budget", type=positive_float, default=570.0,
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplier on every optimizer's base LR (Muon and AdamW have their own base LRs in optim.py)")
     p.add_argument("--warmup-steps", type=non_negative_int, default=None, help="LR warmup steps (default: 2%% of --steps, at least 1)")
     p.add_argument("--decay-frac", type=float, default=0.2, help="fraction of steps in the final linear LR decay (WSD)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; -1 = off")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; -1 (or 0) = off")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     # curriculum
     p.add_argument("--curriculum", action="store_true",
@@ -530,18 +530,21 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
         metrics.close()
         log(f"done: {step} steps, {train_time:.0f} s of training; run folder {run_dir}")
     if args.humaneval_at_end and info.is_master and step == args.steps:
-        run_humaneval(run_dir, args.humaneval_at_end, log)
+        run_humaneval(run_dir, args.humaneval_at_end, device, log)
     return summary
 
 
-def run_humaneval(run_dir: Path, samples: int, log) -> None:
-    """HumanEval pass@k of the best checkpoint through nanochat.eval, when that part is installed."""
+def run_humaneval(run_dir: Path, samples: int, device: str, log) -> None:
+    """HumanEval pass@k of the run's best checkpoint through `python -m nanochat.eval`, when installed."""
     try:
-        from nanochat.eval import humaneval
+        from nanochat.eval.__main__ import main as eval_main
     except ImportError as e:
-        log(f"--humaneval-at-end skipped: nanochat.eval.humaneval is not available ({e})")
+        log(f"--humaneval-at-end skipped: nanochat.eval is not available ({e})")
         return
-    humaneval.main(["--checkpoint", str(run_dir), "--samples", str(samples)])
+    log(f"humaneval: {samples} samples per problem on {run_dir}")
+    rc = eval_main(["--task", "humaneval", "--checkpoint", str(run_dir), "--samples", str(samples), "--device", device])
+    if rc != 0:
+        log(f"humaneval: nanochat.eval exited with {rc}")
 
 
 def main(argv: list[str] | None = None) -> int:
