@@ -177,3 +177,20 @@ def test_endless_output_is_bounded():
     result = run("while True:\n    print('x' * 1000)")
     assert not result.passed
     assert len(result.stdout) <= 2000
+
+
+def test_without_root_layers_the_guard_still_blocks_processes_and_writes(monkeypatch, tmp_path):
+    """What a non-root machine gets: no uid switch, no network namespace, only limits and the guard."""
+    import sys
+
+    from nanochat.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_setup", lambda: sandbox._Setup(sys.executable, own_uid=False, network_namespace=False))
+    for source in ("import os\nos.fork()", "import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"):
+        result = run(source)
+        assert result.status == "failed", (source, result)
+        assert "starting processes is disabled" in result.reason
+    result = run(f"open({str(tmp_path / 'x.txt')!r}, 'w')")
+    assert result.status == "failed" and "PermissionError" in result.reason
+    assert run("blocks = []\nwhile True:\n    blocks.append(bytearray(10 ** 7))").status == "failed"
+    assert run("assert sum(range(10)) == 45").status == "passed"

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k for k <= samples)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; default 0 (greedy) for one sample, 0.8 for several")
-    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per completion")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most new tokens per completion (default 256 for code tasks, 96 for samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of sample i is seed + i")
     p.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per sandboxed test run")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a sandboxed run")
@@ -96,7 +97,7 @@ def run_code(source, args) -> dict:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     jsonl = source.out_dir / f"eval_{args.task}.jsonl"
     _, summary = codebench.run_code_tasks(source.complete, tasks, samples=args.samples, temperature=temperature,
-                                          max_tokens=args.max_tokens, timeout=args.timeout,
+                                          max_tokens=args.max_tokens or 256, timeout=args.timeout,
                                           memory_mb=args.memory_mb, workers=args.workers, seed=args.seed,
                                           jsonl_path=jsonl, desc=args.task)
     statuses = summary.pop("statuses")
@@ -109,7 +110,7 @@ def run_samples(source, args) -> dict:
     from nanochat.eval import samples
 
     temperature = args.temperature if args.temperature is not None else 0.0
-    max_tokens = args.max_tokens if args.max_tokens != 256 else 96  # the report wants short, readable bits
+    max_tokens = args.max_tokens or 96  # the report wants short, readable bits
     rows = samples.generate_samples(source.complete, max_tokens, temperature, args.seed)
     settings = f"temperature {temperature:g}, at most {max_tokens} new tokens, seed {args.seed}"
     path = samples.write_report(rows, source.out_dir / "samples.md", source.name, settings)

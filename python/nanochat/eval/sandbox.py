@@ -23,13 +23,15 @@ of the same version is used instead: the program only needs the standard library
 5. A Python preamble in the runner: socket.socket (and _socket.socket) raise, and open/io.open/
    os.open for writing plus the os functions that remove, rename, create or chmod paths raise
    PermissionError for any path outside the sandbox directory (this also covers /tmp, which
-   layer 2 leaves open).
+   layer 2 leaves open). Without layer 2 (not root) it also disables os.fork/system/exec*/spawn*
+   and subprocess.Popen, since no RLIMIT_NPROC would bound a fork bomb.
 
 What is NOT contained: reads (the code can read any world-readable file, e.g. the repository);
 code that bypasses the preamble through ctypes or `_io`/`posix` directly can still write to
 world-writable places (/tmp, /dev/shm) and, without root, anywhere the evaluator's user can;
-without root there is no uid switch, no network namespace and no RLIMIT_NPROC (a fork bomb is
-then bounded only by CPU time and the wall-clock kill of its process group). This is a guard
+without root there is no uid switch, no network namespace and no RLIMIT_NPROC (process creation is
+then blocked only by the preamble; a fork through ctypes is bounded only by CPU time and the
+wall-clock kill of its process group). This is a guard
 against the accidents of a small model, not a security boundary against an adversary.
 
 Success is proven, not assumed: the runner prints a random nonce (passed in on stdin, not written
@@ -65,9 +67,9 @@ _uid_counter = itertools.count()
 
 RUNNER = r'''
 import sys, os
-_nonce = sys.stdin.readline().strip()
+_nonce, _block_processes = sys.stdin.readline().split()
 sys.stdin.close()
-import builtins, io, socket, _socket
+import builtins, io, socket, _socket, subprocess
 _root = os.path.realpath(os.getcwd())
 
 def _inside(path):
@@ -113,6 +115,16 @@ for _name in ("rename", "replace", "link", "symlink"):
 def _no_network(*args, **kwargs):
     raise OSError("sandbox: network access is disabled")
 socket.socket = _socket.socket = socket.create_connection = socket.socketpair = _no_network
+
+def _no_processes(*args, **kwargs):
+    raise OSError("sandbox: starting processes is disabled (no throw-away uid to bound them)")
+if _block_processes == "1":
+    for _name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve",
+                  "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl",
+                  "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe"):
+        if hasattr(os, _name):
+            setattr(os, _name, _no_processes)
+    subprocess.Popen = _no_processes
 
 _source = _real_open("prog.py", encoding="utf-8").read()
 exec(compile(_source, "prog.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
@@ -302,7 +314,8 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024) -> San
             except (OSError, subprocess.SubprocessError) as e:
                 return SandboxResult("error", f"sandbox could not start the program: {e}")
             try:
-                proc.stdin.write((nonce + "\n").encode())
+                block_processes = "0" if setup.own_uid else "1"
+                proc.stdin.write(f"{nonce} {block_processes}\n".encode())
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the child died before reading its nonce; its status says why
