@@ -92,11 +92,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None/False or the help text already explains it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nanochat.train",
         description="Train a ternary-weight GPT with quantization-aware training.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     # model
     p.add_argument("--preset", default="tiny", help=f"model preset, one of {sorted(PRESETS)}")
