@@ -1,7 +1,8 @@
 """Plain ASGI middleware: the request body size limit and per-request metrics.
 
 The size limit reads the whole body before the app sees it (rejecting at the Content-Length
-header when one is sent, else as soon as the chunks add up past the limit), then replays it;
+header when one is sent, else once the chunks add up past the limit and the client has finished
+sending, or has sent DRAIN_FACTOR times the limit), then replays it;
 after the replay, receive() passes through, so the app can still notice a client disconnect.
 """
 
@@ -11,6 +12,8 @@ import json
 
 from nanochat.serve.errors import error_body
 from nanochat.serve.metrics import Metrics, endpoint_label
+
+DRAIN_FACTOR = 4  # an oversized body without Content-Length is read (and dropped) up to 4x the limit before the 413
 
 
 async def _send_json(send, status: int, body: dict) -> None:
@@ -41,10 +44,12 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] != "http.request":  # the client left before sending the body
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await _send_json(send, 413, self._too_large(f"more than {size}"))
+            size += len(message.get("body", b""))
+            if size <= self.max_bytes:
+                chunks.append(message.get("body", b""))
+            elif not message.get("more_body", False) or size > DRAIN_FACTOR * self.max_bytes:
+                # answering before the client has sent everything would reset its connection: drain a while first
+                return await _send_json(send, 413, self._too_large(size if not message.get("more_body") else f"over {size}"))
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
