@@ -313,6 +313,22 @@ def test_concurrent_clients_get_their_own_answers(server, client, engine):
     wait_idle(server)
 
 
+def test_event_loop_stays_responsive_during_generation(server):
+    """The engine's blocking iterators run off the event loop: /health answers while 4 sequences decode."""
+    body = {"prompt": "the", "max_tokens": 300, "temperature": 0, "n": 4}
+    worker = threading.Thread(target=lambda: httpx.post(server + "/v1/completions", json=body, timeout=120))
+    worker.start()
+    seen_active, slowest = 0, 0.0
+    with httpx.Client(base_url=server, timeout=30) as http:
+        while worker.is_alive():
+            start = time.perf_counter()
+            seen_active = max(seen_active, http.get("/health").json()["active"])
+            slowest = max(slowest, time.perf_counter() - start)
+            time.sleep(0.01)
+    worker.join()
+    assert seen_active == 4 and slowest < 1.0, (seen_active, slowest)
+
+
 def test_disconnecting_clients_free_their_slots(server):
     cancelled_before = metric(server, "nanochat_cancelled_sequences_total")
     tokens_before = stats(server)["tokens_generated"]
