@@ -24,6 +24,34 @@ from pathlib import Path
 TASKS = ("bpb", "humaneval", "mbpp", "samples")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def count_or_all(text: str) -> int:
+    value = int(text)
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or -1 (= all), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanochat.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,26 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="run folder (best/, else latest/) or checkpoint folder: the PyTorch path")
     p.add_argument("--model", help="exported .gguf file: the CPU engine path")
     p.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda, cuda:1)")
-    p.add_argument("--threads", type=int, default=None, help="engine threads for --model (default: the engine's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="engine threads for --model (default: the engine's)")
     p.add_argument("--out-dir", help="where results go (default: next to the model)")
     # data
     p.add_argument("--data", help="bpb: any training --data spec (file, folder, .jsonl/.parquet, hf:NAME); "
                                   "mbpp: an MBPP-format .jsonl")
     p.add_argument("--run", help="bpb with --model: the run folder whose held-out split to use")
-    p.add_argument("--seq-len", type=int, default=-1, help="bpb window length; -1 = the model's max_seq_len")
-    p.add_argument("--eval-tokens", type=int, default=65536, help="bpb: tokens to score; -1 = all")
-    p.add_argument("--batch-size", type=int, default=8, help="bpb: windows per PyTorch forward")
+    p.add_argument("--seq-len", type=count_or_all, default=-1, help="bpb window length; -1 = the model's max_seq_len")
+    p.add_argument("--eval-tokens", type=count_or_all, default=65536, help="bpb: tokens to score; -1 = all")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="bpb: windows per PyTorch forward")
     # generation and execution
-    p.add_argument("--limit", type=int, default=-1, help="first K problems only; -1 = all")
-    p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k for k <= samples)")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--limit", type=count_or_all, default=-1, help="first K problems only; -1 = all")
+    p.add_argument("--samples", type=positive_int, default=1, help="completions per problem (pass@k for k <= samples)")
+    p.add_argument("--temperature", type=non_negative_float, default=None,
                    help="sampling temperature; default 0 (greedy) for one sample, 0.8 for several")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="most new tokens per completion (default 256 for code tasks, 96 for samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of sample i is seed + i")
-    p.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per sandboxed test run")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a sandboxed run")
-    p.add_argument("--workers", type=int, default=2, help="sandboxed runs at the same time")
+    p.add_argument("--timeout", type=positive_float, default=5.0, help="wall-clock seconds per sandboxed test run")
+    p.add_argument("--memory-mb", type=positive_int, default=1024, help="address-space limit of a sandboxed run")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandboxed runs at the same time")
     return p
 
 
@@ -143,10 +171,11 @@ def evaluate(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nanochat.checkpoint import CheckpointError
+    from nanochat.eval.mbpp import MbppUnavailable
 
     try:
         evaluate(args)
-    except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, MbppUnavailable) as e:
         # bad input: one clear line and exit code 2, like argparse, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,10 @@ from nanochat.eval.codebench import CodeTask
 from nanochat.eval.humaneval import STOP_SEQUENCES
 
 STOPS = STOP_SEQUENCES + ["\nassert"]
+class MbppUnavailable(RuntimeError):
+    """The Hugging Face MBPP dataset cannot be had here (package missing or hub unreachable)."""
+
+
 REQUIRED_FIELDS = {"task_id": (int, str), "text": str, "code": str, "test_list": list}
 
 
@@ -65,12 +69,12 @@ def read_hf(split: str = "test") -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise RuntimeError("MBPP without --data needs the Hugging Face `datasets` package, which is not installed; "
+        raise MbppUnavailable("MBPP without --data needs the Hugging Face `datasets` package, which is not installed; "
                            "pass --data FILE.jsonl (MBPP format) or install datasets") from None
     try:
         rows = datasets.load_dataset("mbpp", split=split)
     except Exception as e:  # the hub raises many kinds of errors when it cannot be reached
-        raise RuntimeError(f"could not load the Hugging Face `mbpp` dataset ({type(e).__name__}: {e}); "
+        raise MbppUnavailable(f"could not load the Hugging Face `mbpp` dataset ({type(e).__name__}: {e}); "
                            "pass --data FILE.jsonl (MBPP format) instead") from None
     return [validate(dict(row), f"hf mbpp[{i}]") for i, row in enumerate(rows)]
 
