@@ -97,7 +97,7 @@ def test_pass_at_k_from_samples_of_mixed_quality(tmp_path):
 
     jsonl = tmp_path / "rows.jsonl"
     rows, summary = run_code_tasks(sample, [humaneval.to_task(problem)], samples=3, temperature=0.8,
-                                   timeout=2, jsonl_path=jsonl)
+                                   timeout=3, jsonl_path=jsonl)
     assert [r["status"] for r in rows[0]["results"]] == ["passed", "failed", "timeout"]
     assert summary["pass@1"] == pytest.approx(1 / 3)
     assert json.loads(jsonl.read_text().splitlines()[0])["c"] == 1
