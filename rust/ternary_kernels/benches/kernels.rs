@@ -1,1 +1,255 @@
-fn main(){}
+//! Kernel benchmarks: GOPS (2 ops per weight) of every path, 1 thread and all threads, GEMV and GEMM,
+//! hot (one matrix, in cache) and cold (cycling through more matrices than the last-level cache),
+//! next to the streaming-read bandwidth ceiling of this machine.
+//!
+//!     cargo bench                              # quick mode (a few minutes on 2 cores)
+//!     NANOCHAT_BENCH_FULL=1 cargo bench        # every shape x path x threads x tokens
+//!
+//! Shapes are M x K = outputs x inputs (rows x cols of the weight). Criterion's "thrpt" column is
+//! in Gelem/s where one element is one op, i.e. GOPS; a summary table is printed at the end.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use _ternary::format::TernaryShape;
+use _ternary::kernels::{best_isa, Isa, ALL_ISAS};
+use _ternary::pack::{Int8Shape, PackedInt8, PackedTernary};
+use _ternary::topology::Topology;
+use _ternary::{int8_matmul, place_ternary, ternary_matmul, Pool};
+use criterion::{BenchmarkId, Criterion, Throughput};
+
+const SHAPES: [(usize, usize); 7] =
+    [(768, 768), (768, 2688), (2688, 768), (2048, 2048), (4096, 4096), (4096, 11008), (11008, 4096)];
+const LLC_BYTES: usize = 32 << 20;
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn random_matrix(m: usize, k: usize, group: usize, seed: u64, pool: &Pool) -> PackedTernary {
+    let shape = TernaryShape { rows: m, cols: k, group_size: group };
+    let mut rng = Rng(seed | 1);
+    let codes: Vec<i8> = (0..m * k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+    let scales: Vec<f32> = (0..m * shape.groups()).map(|_| 0.01 + (rng.next() % 100) as f32 * 1e-3).collect();
+    place_ternary(&codes, &scales, shape, pool).expect("valid matrix")
+}
+
+fn random_x(tokens: usize, k: usize) -> Vec<f32> {
+    let mut rng = Rng(99);
+    (0..tokens * k).map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0).collect()
+}
+
+/// Streaming-read bandwidth in GB/s over a buffer 8x the LLC, with `threads` threads.
+fn stream_bandwidth(threads: usize) -> f64 {
+    let buf: Vec<u64> = (0..LLC_BYTES).map(|i| i as u64).collect(); // 8 x LLC bytes
+    let chunk = buf.len().div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| s.spawn(move || part.chunks_exact(8).fold([0u64; 8], |mut a, c| {
+                    for i in 0..8 {
+                        a[i] = a[i].wrapping_add(c[i]);
+                    }
+                    a
+                }).iter().fold(0u64, |x, y| x.wrapping_add(*y))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, u64::wrapping_add)
+        });
+        black_box(total);
+        best = best.max((buf.len() * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+struct Row {
+    id: String,
+    ops: f64,
+}
+
+fn main() {
+    let full = std::env::var("NANOCHAT_BENCH_FULL").is_ok_and(|v| v == "1");
+    let topo = Topology::detect();
+    let all = topo.cpu_count();
+    let best = best_isa();
+    let paths: Vec<Isa> = ALL_ISAS.into_iter().filter(|i| i.available()).collect();
+    println!("CPU: {} ({} CPUs online, {} NUMA node(s))", cpu_model(), all, topo.nodes.len());
+    println!("paths available: {:?}; best: {}", paths.iter().map(|i| i.name()).collect::<Vec<_>>(), best.name());
+    for isa in ALL_ISAS {
+        if let Some(f) = isa.missing_feature() {
+            println!("path {} not benchmarked: this CPU lacks {f}", isa.name());
+        }
+    }
+    let bw1 = stream_bandwidth(1);
+    let bw_all = stream_bandwidth(all);
+    println!("streaming read ceiling: {bw1:.1} GB/s (1 thread), {bw_all:.1} GB/s ({all} threads)");
+    println!(
+        "  as a 2-bit GEMV ceiling at 2.25 bits/weight (g=128 scales included): {:.0} GOPS (1 thread), {:.0} GOPS ({all} threads)",
+        bw1 * 2.0 * 8.0 / 2.25,
+        bw_all * 2.0 * 8.0 / 2.25
+    );
+
+    let (warm, measure) = if full { (Duration::from_millis(500), Duration::from_secs(2)) } else { (Duration::from_millis(200), Duration::from_millis(700)) };
+    let mut c = Criterion::default().warm_up_time(warm).measurement_time(measure).sample_size(10).configure_from_args();
+    let mut rows: Vec<Row> = Vec::new();
+    let thread_counts: Vec<usize> = if all > 1 { vec![1, all] } else { vec![1] };
+    let pools: Vec<Pool> = thread_counts.iter().map(|&n| Pool::new(n, &topo).expect("pool")).collect();
+
+    // --- hot GEMV: every shape, best path, 1 thread and all threads
+    {
+        let mut group = c.benchmark_group("gemv_hot");
+        for &(m, k) in &SHAPES {
+            for pool in &pools {
+                let mat = random_matrix(m, k, 128, (m * k) as u64, pool);
+                let x = random_x(1, k);
+                let ops = 2.0 * (m * k) as f64;
+                let id = format!("{}/{m}x{k}/t{}", best.name(), pool.threads());
+                group.throughput(Throughput::Elements(ops as u64));
+                group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+                    b.iter(|| black_box(ternary_matmul(&mat, &x, 1, best, pool).expect("gemv")))
+                });
+                rows.push(Row { id: format!("gemv_hot/{id}"), ops });
+            }
+        }
+        group.finish();
+    }
+
+    // --- every path on one shape per size class (all shapes in full mode), 1 thread, GEMV and GEMM
+    {
+        let mut group = c.benchmark_group("paths");
+        let shapes: Vec<(usize, usize)> = if full { SHAPES.to_vec() } else { vec![(2048, 2048)] };
+        let token_counts: Vec<usize> = if full { vec![1, 8, 32, 128] } else { vec![1, 32] };
+        for &(m, k) in &shapes {
+            let mat = random_matrix(m, k, 128, 7, &pools[0]);
+            for &isa in &paths {
+                for &tokens in &token_counts {
+                    if isa == Isa::Scalar && tokens > 8 && !full {
+                        continue;
+                    }
+                    let x = random_x(tokens, k);
+                    let ops = 2.0 * (m * k * tokens) as f64;
+                    let id = format!("{}/{m}x{k}/T{tokens}/t1", isa.name());
+                    group.throughput(Throughput::Elements(ops as u64));
+                    group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+                        b.iter(|| black_box(ternary_matmul(&mat, &x, tokens, isa, &pools[0]).expect("matmul")))
+                    });
+                    rows.push(Row { id: format!("paths/{id}"), ops });
+                }
+            }
+        }
+        group.finish();
+    }
+
+    // --- GEMM at 8/32/128 tokens, best path, 1 thread and all threads
+    {
+        let mut group = c.benchmark_group("gemm_hot");
+        let shapes: Vec<(usize, usize)> = if full { SHAPES.to_vec() } else { vec![(768, 2688), (2048, 2048)] };
+        for &(m, k) in &shapes {
+            for pool in &pools {
+                let mat = random_matrix(m, k, 128, 11, pool);
+                for tokens in [8usize, 32, 128] {
+                    let x = random_x(tokens, k);
+                    let ops = 2.0 * (m * k * tokens) as f64;
+                    let id = format!("{}/{m}x{k}/T{tokens}/t{}", best.name(), pool.threads());
+                    group.throughput(Throughput::Elements(ops as u64));
+                    group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+                        b.iter(|| black_box(ternary_matmul(&mat, &x, tokens, best, pool).expect("gemm")))
+                    });
+                    rows.push(Row { id: format!("gemm_hot/{id}"), ops });
+                }
+            }
+        }
+        group.finish();
+    }
+
+    // --- cold GEMV: cycle through enough matrices to overflow the LLC
+    {
+        let mut group = c.benchmark_group("gemv_cold");
+        let shapes: Vec<(usize, usize)> = if full { SHAPES[3..].to_vec() } else { vec![(4096, 4096), (4096, 11008)] };
+        for &(m, k) in &shapes {
+            for pool in &pools {
+                let one = m * k / 4;
+                let count = (2 * LLC_BYTES).div_ceil(one).max(2);
+                let mats: Vec<PackedTernary> = (0..count).map(|i| random_matrix(m, k, 128, 1000 + i as u64, pool)).collect();
+                let bytes_per_weight = mats[0].nbytes() as f64 / (m * k) as f64;
+                let x = random_x(1, k);
+                let ops = 2.0 * (m * k) as f64;
+                let id = format!("{}/{m}x{k}/t{}/x{count}", best.name(), pool.threads());
+                group.throughput(Throughput::Elements(ops as u64));
+                let mut i = 0;
+                group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % count;
+                        black_box(ternary_matmul(&mats[i], &x, 1, best, pool).expect("gemv"))
+                    })
+                });
+                let bw = if pool.threads() == 1 { bw1 } else { bw_all };
+                println!("  cold {m}x{k} t{}: ceiling {:.0} GOPS at {:.3} bytes/weight", pool.threads(), bw * 2.0 / bytes_per_weight, bytes_per_weight);
+                rows.push(Row { id: format!("gemv_cold/{id}"), ops });
+            }
+        }
+        group.finish();
+    }
+
+    // --- int8 head (vocab x dim), every path, 1 thread
+    {
+        let mut group = c.benchmark_group("int8_head");
+        let (m, k) = (32768, 768);
+        let mut rng = Rng(5);
+        let w: Vec<f32> = (0..m * k).map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let (q, s) = PackedInt8::quantize_f32(&w, m, k).expect("quantize");
+        let mat = PackedInt8::new(&q, &s, Int8Shape { rows: m, cols: k }).expect("int8");
+        for &isa in &paths {
+            for tokens in [1usize, 8] {
+                let x = random_x(tokens, k);
+                let ops = 2.0 * (m * k * tokens) as f64;
+                let id = format!("{}/{m}x{k}/T{tokens}/t1", isa.name());
+                group.throughput(Throughput::Elements(ops as u64));
+                group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+                    b.iter(|| black_box(int8_matmul(&mat, &x, tokens, isa, &pools[0]).expect("int8")))
+                });
+                rows.push(Row { id: format!("int8_head/{id}"), ops });
+            }
+        }
+        group.finish();
+    }
+
+    c.final_summary();
+    print_summary(&rows);
+}
+
+/// Read criterion's mean estimate for each benchmark and print one GOPS table.
+fn print_summary(rows: &[Row]) {
+    let root = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").into());
+    println!("\n{:<55} {:>12} {:>10}", "benchmark (M x K, T tokens, t threads)", "time", "GOPS");
+    for row in rows {
+        let path = format!("{root}/criterion/{}/new/estimates.json", row.id);
+        let Some(ns) = std::fs::read_to_string(&path).ok().and_then(|s| mean_ns(&s)) else {
+            println!("{:<55} {:>12}", row.id, "n/a");
+            continue;
+        };
+        println!("{:<55} {:>10.1}us {:>10.1}", row.id, ns / 1e3, row.ops / ns);
+    }
+}
+
+/// The "mean" point estimate (ns) from a criterion estimates.json, without a JSON dependency.
+fn mean_ns(json: &str) -> Option<f64> {
+    let mean = &json[json.find("\"mean\"")?..];
+    let pe = &mean[mean.find("\"point_estimate\":")? + 17..];
+    pe[..pe.find([',', '}'])?].trim().parse().ok()
+}

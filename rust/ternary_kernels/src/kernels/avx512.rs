@@ -5,8 +5,9 @@
 //! broadcast to the 4 lanes. Fields are the unsigned code + 1, so u8 x s8 multiplies are exact and
 //! the per-group activation sum is subtracted once per row (sum(c x) = sum((c+1) x) - sum(x)).
 //! Per group the exact i32 lanes are converted to f32 and fused-multiply-added with the row scales;
-//! the 4 lanes of a row are summed at the end of the row. Up to MAX_TOKENS tokens share each decoded
-//! vector (GEMM), so the decode is paid once per weight tile, not once per token.
+//! the 4 lanes of a row are summed at the end of the row. Up to 6 tokens share each decoded
+//! vector (GEMM), so the decode is paid once per weight tile, not once per token; GEMV instead
+//! blocks 4 tiles so enough independent accumulator chains hide the multiply latency.
 //!
 //! Int8: per row, `vpdpbusd((w ^ 0x80), x)` = sum((w + 128) x), minus 128 * sum(x); BW without VNNI
 //! uses |w| x sign(x, w) through `vpmaddubsw` (exact: pairs stay within +-32512 since |x| <= 127).
@@ -17,8 +18,8 @@ use crate::act::{Int8Acts, TernaryActs};
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
 use crate::kernels::scalar::finish_int8;
 
-/// Tokens sharing each decoded weight vector (accumulators: 2 zmm per token).
-const MAX_TOKENS: usize = 8;
+/// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
+const BLOCK_TILES: usize = 4;
 /// Int8: tokens per register block (4 rows x 4 tokens accumulators).
 const INT8_TOKENS: usize = 4;
 
@@ -35,18 +36,11 @@ struct Ternary<'a> {
     tile_bytes: usize,
 }
 
-macro_rules! dispatch_tokens {
-    ($nt:expr, $f:ident, $($arg:expr),*) => {
-        match $nt {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*),
-            6 => $f::<6>($($arg),*),
-            7 => $f::<7>($($arg),*),
-            _ => $f::<8>($($arg),*),
-        }
+/// Register blocking (tiles RT x tokens NT x accumulator chains PAR), chosen so every call keeps at
+/// least 8 independent `vpdpbusd` chains in flight (its latency is 4-5 cycles, its throughput 1).
+macro_rules! block {
+    ($vnni:expr, ($rt:literal, $nt:literal, $par:literal), $($arg:expr),*) => {
+        if $vnni { block_vnni::<$rt, $nt, $par>($($arg),*) } else { block_bw::<$rt, $nt, $par>($($arg),*) }
     };
 }
 
@@ -68,85 +62,140 @@ pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], a
     assert!(k.kp == tile_bytes && k.kp % VECTOR_BYTES == 0 && acts.q.len() >= acts.tokens * k.kp);
     assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
     assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
-    for tile in 0..n_tiles {
+    let mut tile0 = 0;
+    while tile0 < n_tiles {
+        let tiles = (n_tiles - tile0).min(BLOCK_TILES);
         let mut t0 = 0;
         while t0 < acts.tokens {
-            let nt = (acts.tokens - t0).min(MAX_TOKENS);
+            let nt = (acts.tokens - t0).min(6);
             // SAFETY: kernels::ternary only selects this path when Isa::available() confirmed
-            // avx512f/bw/vl (and vnni for `vnni`); the asserts above bound every offset used.
+            // avx512f/bw/vl (and vnni for `vnni`); the asserts above bound every offset used, and
+            // each call below covers tiles [tile0, tile0 + tiles) and tokens [t0, t0 + nt) only.
             unsafe {
-                if vnni {
-                    dispatch_tokens!(nt, tile_vnni, &k, tile, t0, out, ldo)
-                } else {
-                    dispatch_tokens!(nt, tile_bw, &k, tile, t0, out, ldo)
+                let o = &mut *out;
+                match (tiles, nt) {
+                    (4, 1) => block!(vnni, (4, 1, 2), &k, tile0, t0, o, ldo),
+                    (4, 2) => {
+                        block!(vnni, (2, 2, 2), &k, tile0, t0, o, ldo);
+                        block!(vnni, (2, 2, 2), &k, tile0 + 2, t0, o, ldo)
+                    }
+                    (4, 3) => {
+                        block!(vnni, (2, 3, 2), &k, tile0, t0, o, ldo);
+                        block!(vnni, (2, 3, 2), &k, tile0 + 2, t0, o, ldo)
+                    }
+                    (_, 1) => {
+                        for t in tile0..tile0 + tiles {
+                            block!(vnni, (1, 1, 4), &k, t, t0, o, ldo)
+                        }
+                    }
+                    (_, 2) => {
+                        for t in tile0..tile0 + tiles {
+                            block!(vnni, (1, 2, 4), &k, t, t0, o, ldo)
+                        }
+                    }
+                    (_, 3) => {
+                        for t in tile0..tile0 + tiles {
+                            block!(vnni, (1, 3, 2), &k, t, t0, o, ldo)
+                        }
+                    }
+                    (_, 4) => {
+                        for t in tile0..tile0 + tiles {
+                            block!(vnni, (1, 4, 2), &k, t, t0, o, ldo)
+                        }
+                    }
+                    (_, 5) => {
+                        for t in tile0..tile0 + tiles {
+                            block!(vnni, (1, 5, 2), &k, t, t0, o, ldo)
+                        }
+                    }
+                    _ => {
+                        for t in tile0..tile0 + tiles {
+                            block!(vnni, (1, 6, 1), &k, t, t0, o, ldo)
+                        }
+                    }
                 }
             }
             t0 += nt;
         }
+        tile0 += tiles;
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_vnni<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
-    tile_body::<NT, true>(k, tile, t0, out, ldo)
+unsafe fn block_vnni<const RT: usize, const NT: usize, const PAR: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    block_body::<RT, NT, PAR, true>(k, tile, t0, out, ldo)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn tile_bw<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
-    tile_body::<NT, false>(k, tile, t0, out, ldo)
+unsafe fn block_bw<const RT: usize, const NT: usize, const PAR: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+    block_body::<RT, NT, PAR, false>(k, tile, t0, out, ldo)
 }
 
-/// One 4-row tile for tokens t0..t0+NT. Callers guarantee the CPU features and the bounds.
+/// Tiles tile..tile+RT for tokens t0..t0+NT; field f accumulates into chain f % PAR.
+/// Callers guarantee the CPU features and the bounds.
 #[inline(always)]
-unsafe fn tile_body<const NT: usize, const VNNI: bool>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const VNNI: bool>(
+    k: &Ternary,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     let mask3 = _mm512_set1_epi8(3);
     let ones16 = _mm512_set1_epi16(1);
     let lane_of_row = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     let codes = k.codes.as_ptr().add(tile * k.tile_bytes);
     let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
     let q = k.q.as_ptr().add(t0 * k.kp);
-    let mut facc = [_mm512_setzero_ps(); NT];
+    let mut facc = [[_mm512_setzero_ps(); NT]; RT];
     for g in 0..k.groups {
         // VNNI accumulates i32 directly; BW accumulates maddubs pairs in i16 (|sum| <= 16 x 512) per group.
-        let mut acc = [_mm512_setzero_si512(); NT];
+        let mut acc = [[[_mm512_setzero_si512(); PAR]; NT]; RT];
         for vi in 0..k.vectors_per_group {
             let v = g * k.vectors_per_group + vi;
-            let w = _mm512_load_si512(codes.add(v * VECTOR_BYTES) as *const __m512i);
-            let fields = [
-                _mm512_and_si512(w, mask3),
-                _mm512_and_si512(_mm512_srli_epi16::<2>(w), mask3),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask3),
-                _mm512_and_si512(_mm512_srli_epi16::<6>(w), mask3),
-            ];
-            for (f, d) in fields.into_iter().enumerate() {
-                for t in 0..NT {
-                    let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
-                    let x = _mm512_broadcast_i32x4(_mm_loadu_si128(xp));
-                    acc[t] = if VNNI {
-                        _mm512_dpbusd_epi32(acc[t], d, x)
-                    } else {
-                        _mm512_add_epi16(acc[t], _mm512_maddubs_epi16(d, x))
-                    };
+            for r in 0..RT {
+                let w = _mm512_load_si512(codes.add(r * k.tile_bytes + v * VECTOR_BYTES) as *const __m512i);
+                let fields = [
+                    _mm512_and_si512(w, mask3),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(w), mask3),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask3),
+                    _mm512_and_si512(_mm512_srli_epi16::<6>(w), mask3),
+                ];
+                for (f, d) in fields.into_iter().enumerate() {
+                    for t in 0..NT {
+                        // The 16 activations of field f, broadcast to the 4 row lanes (an L1 load).
+                        let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
+                        let x = _mm512_broadcast_i32x4(_mm_loadu_si128(xp));
+                        let a = &mut acc[r][t][f % PAR];
+                        *a = if VNNI { _mm512_dpbusd_epi32(*a, d, x) } else { _mm512_add_epi16(*a, _mm512_maddubs_epi16(d, x)) };
+                    }
                 }
             }
         }
-        let sc4 = _mm512_castps128_ps512(_mm_loadu_ps(scales.add(g * ROWS_PER_TILE)));
-        let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
-        for t in 0..NT {
-            let raw = if VNNI { acc[t] } else { _mm512_madd_epi16(acc[t], ones16) };
-            let correction = _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
-            let exact = _mm512_sub_epi32(raw, correction);
-            facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sc, facc[t]);
+        for r in 0..RT {
+            let sc4 = _mm512_castps128_ps512(_mm_loadu_ps(scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE)));
+            let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
+            for t in 0..NT {
+                let mut raw = _mm512_setzero_si512();
+                for p in 0..PAR {
+                    raw = _mm512_add_epi32(raw, if VNNI { acc[r][t][p] } else { _mm512_madd_epi16(acc[r][t][p], ones16) });
+                }
+                let correction = _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
+                let exact = _mm512_sub_epi32(raw, correction);
+                facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sc, facc[r][t]);
+            }
         }
     }
     let first_of_lane = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
-    for t in 0..NT {
-        let v = facc[t];
-        let a = _mm512_add_ps(v, _mm512_permute_ps::<0b01_00_11_10>(v));
-        let b = _mm512_add_ps(a, _mm512_permute_ps::<0b10_11_00_01>(a));
-        let rows = _mm512_castps512_ps128(_mm512_permutexvar_ps(first_of_lane, b));
-        let y = _mm_div_ps(rows, _mm_set1_ps(*k.s.get_unchecked(t0 + t)));
-        _mm_storeu_ps(out.as_mut_ptr().add((t0 + t) * ldo + tile * ROWS_PER_TILE), y);
+    for r in 0..RT {
+        for t in 0..NT {
+            let v = facc[r][t];
+            let a = _mm512_add_ps(v, _mm512_permute_ps::<0b01_00_11_10>(v));
+            let b = _mm512_add_ps(a, _mm512_permute_ps::<0b10_11_00_01>(a));
+            let rows = _mm512_castps512_ps128(_mm512_permutexvar_ps(first_of_lane, b));
+            let y = _mm_div_ps(rows, _mm_set1_ps(*k.s.get_unchecked(t0 + t)));
+            _mm_storeu_ps(out.as_mut_ptr().add((t0 + t) * ldo + (tile + r) * ROWS_PER_TILE), y);
+        }
     }
 }
 

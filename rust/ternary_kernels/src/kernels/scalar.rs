@@ -24,14 +24,15 @@ pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &Ternar
             for g in 0..groups {
                 let mut dots = [0i32; ROWS_PER_TILE];
                 for v in g * vpg..(g + 1) * vpg {
+                    // Bytes 16r..16r+16 of a vector are row r; field f of byte 16r+i is the weight
+                    // at k = 64v + 16f + i (format.rs), so each (row, field) is a 16-long dot product.
                     let vector = &tile_codes[v * VECTOR_BYTES..(v + 1) * VECTOR_BYTES];
-                    for (b, &byte) in vector.iter().enumerate() {
-                        let (dword, e) = (b / 4, b % 4);
-                        let (r, quad) = (dword / 4, dword % 4);
-                        let base = v * WEIGHTS_PER_VECTOR + quad * 4 + e;
+                    let xs = &q[v * WEIGHTS_PER_VECTOR..(v + 1) * WEIGHTS_PER_VECTOR];
+                    for (r, row_bytes) in vector.chunks_exact(16).enumerate() {
                         for f in 0..4 {
-                            let field = ((byte >> (2 * f)) & 3) as i32;
-                            dots[r] += field * q[base + 16 * f] as i32;
+                            let x16 = &xs[16 * f..16 * f + 16];
+                            let sum: i32 = row_bytes.iter().zip(x16).map(|(&b, &x)| ((b >> (2 * f)) & 3) as i32 * x as i32).sum();
+                            dots[r] += sum;
                         }
                     }
                 }
