@@ -103,8 +103,8 @@ class EngineSource:
         from nanochat.engine import SamplingParams
 
         ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
-        keep = max(1, self.max_seq_len - max_tokens)  # room for the reply inside the engine's context
-        ids = ids[-keep:]
+        max_tokens = min(max_tokens, self.max_seq_len - 1)
+        ids = ids[-(self.max_seq_len - max_tokens):]  # room for the reply inside the engine's context
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=list(stop), seed=seed)
         text = "".join(event.text for event in self.engine.generate(ids, params))
         return truncate_at_stops(text, stop)
