@@ -78,11 +78,15 @@ def weight_scales_codes_ref(w: torch.Tensor, group_size: int, method: str = "abs
         scales = g.abs().amax(-1)
     else:
         raise ValueError(f"weight_quant: expected 'absmean' or 'absmax', got {method!r}")
+    # a NaN/inf in a group makes its mean or max non-finite (amax propagates NaN; a mean of finite
+    # fp32 values is at most their max), so the [N, G] scales tell which groups are poisoned
+    finite = torch.isfinite(scales)
     scales = scales.clamp(min=EPS)
     codes = torch.round(g / scales.unsqueeze(-1)).clamp(-1, 1)
-    finite = torch.isfinite(g).all(-1)  # the zero padding of a short last group is finite
-    codes = torch.where(finite.unsqueeze(-1), codes, 0.0)
-    scales = torch.where(finite, scales, float("nan"))
+    # on CPU skip the full-size pass in the usual all-finite case; on GPU, asking would sync
+    if w.is_cuda or not bool(finite.all()):
+        codes = torch.where(finite.unsqueeze(-1), codes, 0.0)
+        scales = torch.where(finite, scales, float("nan"))
     codes = codes.reshape(n, -1)[:, :k]
     return codes.to(torch.int8), scales
 
@@ -97,12 +101,16 @@ def weight_quant_ref(w: torch.Tensor, group_size: int, method: str = "absmean") 
 
 def _act_int8(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q as fp32 integers [..., K], s fp32 [..., 1]) for fp32 x; non-finite tokens get s = NaN, q = 0."""
-    amax = x32.abs().amax(-1, keepdim=True).clamp(min=EPS)
+    amax = x32.abs().amax(-1, keepdim=True)
+    finite = torch.isfinite(amax)  # amax propagates NaN and inf
     # a true division: torch computes `127.0 / tensor` as reciprocal(tensor) * 127, up to 1 ulp off
-    s = torch.full_like(amax, 127.0) / amax
-    s = torch.where(torch.isfinite(x32).all(-1, keepdim=True), s, float("nan"))
+    s = torch.full_like(amax, 127.0) / amax.clamp(min=EPS)
     q = torch.round(x32 * s).clamp(-128, 127)
-    return torch.nan_to_num(q, nan=0.0), s
+    # on CPU skip the full-size pass in the usual all-finite case; on GPU, asking would sync
+    if x32.is_cuda or not bool(finite.all()):
+        s = torch.where(finite, s, float("nan"))
+        q = torch.where(finite, q, 0.0)
+    return q, s
 
 
 def act_quant_ref(x: torch.Tensor) -> torch.Tensor:
