@@ -149,6 +149,29 @@ def test_chat_matches_engine_streaming_and_not(client, engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_raw_sse_framing(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"  # ends with the [DONE] event
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+
+
+def test_token_prompts_and_prompt_batches(client, engine):
+    ids = completion_ids(engine, "the quick")
+    want = greedy(engine, ids, 6)[0]
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0).choices[0].text == want
+    other = greedy(engine, completion_ids(engine, "hello"), 6)[0]
+    r = client.completions.create(model="tiny", prompt=["the quick", "hello"], n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]  # prompt p, sample j -> choice p * n + j
+    assert [c.text for c in r.choices] == [want, want, other, other]
+    assert r.usage.prompt_tokens == len(ids) + len(completion_ids(engine, "hello"))
+
+
 def test_seed_reproducible_and_n_choices(client):
     kwargs = dict(model="tiny", prompt="def fibonacci(n):", max_tokens=12, temperature=1.0)
     a = client.completions.create(seed=7, **kwargs).choices[0].text
@@ -191,6 +214,10 @@ def test_logprobs(client):
         assert item.logprob >= max(t.logprob for t in item.top_logprobs) - 1e-9
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert r.choices[0].logprobs is None
+    chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
 
 
 def test_stop_strings(client):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import threading
 import time
@@ -95,7 +96,7 @@ def run(one_request, clients: int, requests: int, max_tokens: int) -> dict:
     return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_ms": round(1000 * statistics.median(ttft), 1) if ttft else None,
-            "ttft_p95_ms": round(1000 * ttft[int(0.95 * (len(ttft) - 1))], 1) if ttft else None,
+            "ttft_p95_ms": round(1000 * ttft[math.ceil(0.95 * len(ttft)) - 1], 1) if ttft else None,  # nearest rank
             "latency_p50_s": round(statistics.median(r[1] for r in results), 3) if results else None}
 
 
