@@ -43,6 +43,7 @@ def interpret_flag():
     yield
     _restore_interpret_flag()
 
+
 METHODS = ("absmean", "absmax")
 # (N, K, group): exact multiples, short last groups, N=1, K smaller than one group
 WEIGHT_SHAPES = [(1, 64, 64), (5, 300, 128), (33, 512, 256), (17, 200, 64), (3, 129, 128), (2, 40, 128)]
