@@ -77,6 +77,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = max_tokens_field(None)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="return the log-probabilities of this many top tokens")
     echo: bool = Field(False, description="not supported; must be false")
+    suffix: str | None = Field(None, description="not supported; must be null")
 
     @field_validator("prompt")
     @classmethod
@@ -92,7 +93,6 @@ class CompletionRequest(SamplingFields):
         if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
-    suffix: str | None = Field(None, description="not supported; must be null")
 
 
 class TextPart(BaseModel):
