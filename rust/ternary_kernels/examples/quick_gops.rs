@@ -49,4 +49,19 @@ fn main() {
             isa.name(), best * 1e6, 2.0 * (m * k * tokens) as f64 / best / 1e9, kops / kbest / 1e9
         );
     }
+    // The table-lookup experiment (kernels/lut.rs) on the same matrix, one token, tables built per call.
+    if tokens == 1 && _ternary::kernels::Isa::Avx512Bw.available() {
+        if let Some(lut) = _ternary::kernels::lut::LutMatrix::new(&codes, &scales, m, k) {
+            let acts = _ternary::act::TernaryActs::new(&x, 1, shape);
+            let q = &acts.q.i8s()[..k];
+            let mut out = vec![0f32; m];
+            let mut best = f64::MAX;
+            for _ in 0..200 {
+                let t = Instant::now();
+                _ternary::kernels::lut::gemv(&lut, q, acts.s[0], &mut out);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("lut-pshufb  {m}x{k} T1 t1: {:8.1} us  {:6.1} GOPS   (kernel + tables, avx512bw)", best * 1e6, 2.0 * (m * k) as f64 / best / 1e9);
+        }
+    }
 }

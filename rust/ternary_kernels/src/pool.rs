@@ -14,7 +14,7 @@ use crate::matmul::WorkItem;
 use crate::topology::Topology;
 
 /// Below this many multiply-adds per call, one thread does the whole job.
-pub const PARALLEL_MIN_WORK: usize = 1 << 20;
+pub const PARALLEL_MIN_WORK: usize = 1 << 22;
 
 pub struct Pool {
     threads: usize,
