@@ -152,6 +152,14 @@ def test_mbpp_bad_file_names_the_problem(tmp_path):
         mbpp.load_problems(tmp_path / "missing.jsonl")
 
 
+def test_mbpp_without_data_or_datasets_says_what_is_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(mbpp.MbppUnavailable, match="`datasets` package, which is not installed.*--data"):
+        mbpp.load_problems(None)
+
+
 # ---------------------------------------------------------------------------------------------
 # A real tiny model: PyTorch checkpoint + GGUF export of the same weights
 
