@@ -36,6 +36,7 @@ class Engine:
             if threads < 1:
                 raise ValueError(f"threads: expected >= 1, got {threads}")
             kernels.set_num_threads(threads)
+        kernels.limit_numpy_blas_threads(int(os.environ.get("NANOCHAT_BLAS_THREADS", "1")))
         cfg, weights, tokenizer, stop_ids = loader.load(path, mhc_path)
         return cls(cfg, Transformer(cfg, weights), tokenizer, stop_ids, str(Path(path)))
 

@@ -78,6 +78,22 @@ class NumpyInt8Matrix:
         return self.gemm(x[None])[0]
 
 
+def limit_numpy_blas_threads(n: int) -> bool:
+    """Set the thread count of numpy's bundled OpenBLAS (attention matmuls). Its worker threads spin-wait
+    and fight the Rust kernels' pool for the cores: on 2 busy cores one thread was 10x faster than two."""
+    import ctypes
+    import glob
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*.so*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return True
+    return False
+
+
 def _load_backend():
     if os.environ.get("NANOCHAT_ENGINE_KERNELS", "auto") == "numpy":
         log.info("engine kernels: numpy reference (NANOCHAT_ENGINE_KERNELS=numpy)")

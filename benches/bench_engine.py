@@ -1,0 +1,236 @@
+"""Engine speed on this CPU: decode, prefill, batched decoding, and PyTorch fp32 in the same run.
+
+    .venv/bin/python benches/bench_engine.py                       # random-init nano-125m, exported to a temp dir
+    .venv/bin/python benches/bench_engine.py --model model.gguf    # an existing export
+    .venv/bin/python benches/bench_engine.py --preset tiny --decode-tokens 64
+
+Prints: file size, decode tokens/s for one sequence (and the share of decode time spent inside the
+Rust kernel calls), prefill tokens/s for a 512-token prompt, aggregate tokens/s with 8 concurrent
+sequences through the Scheduler vs 1, and the same model's decode speed in PyTorch fp32 (KV-cached
+greedy loop) with the ratio. Targets (nano-125m, 2 cores): decode >= 300 tok/s, prefill >= 1000 tok/s,
+8-seq aggregate >= 3x single, engine >= 8x PyTorch fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from nanochat.config import preset  # noqa: E402
+from nanochat.engine import Engine, SamplingParams, Scheduler  # noqa: E402
+from nanochat.engine import kernels  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a random-init model and its export
+
+
+def build_export(preset_name: str, folder: Path) -> tuple[Path, torch.nn.Module]:
+    from nanochat.export import export_gguf
+    from nanochat.model import GPT
+    from nanochat.tokenizer import Tokenizer
+
+    cfg = preset(preset_name)
+    text = "\n".join(p.read_text() for p in sorted((Path(__file__).parents[1] / "python" / "nanochat").glob("*.py")))
+    tok = Tokenizer.train([text], cfg.vocab_size)  # pads with filler tokens up to vocab_size
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    t0 = time.perf_counter()
+    path = export_gguf(model, cfg, tok, folder / "model.gguf")
+    print(f"export: {time.perf_counter() - t0:.1f} s")
+    return path, model
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel timing: wrap every matrix so each gemv/gemm call is timed
+
+
+class Timed:
+    total = 0.0
+
+    def __init__(self, mat):
+        self.mat = mat
+
+    def gemv(self, x):
+        t0 = time.perf_counter()
+        y = self.mat.gemv(x)
+        Timed.total += time.perf_counter() - t0
+        return y
+
+    def gemm(self, x):
+        t0 = time.perf_counter()
+        y = self.mat.gemm(x)
+        Timed.total += time.perf_counter() - t0
+        return y
+
+
+def set_timed(engine: Engine, on: bool) -> None:
+    w = engine.model.w
+    unwrap = lambda m: m.mat if isinstance(m, Timed) else m  # noqa: E731
+    wrap = (lambda m: Timed(unwrap(m))) if on else unwrap
+    for layer in w.layers:
+        layer.qkv, layer.o, layer.gate_up, layer.down = (wrap(m) for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    w.head = wrap(w.head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine measurements
+
+
+def decode_speed(engine: Engine, prompt: list[int], n: int) -> tuple[float, float]:
+    """(tokens/s of decode steps after a prefill, share of that time inside kernel calls)."""
+    model = engine.model
+    cache = model.new_cache(len(prompt) + n + 1)
+    logits = model.forward([(prompt, cache)])
+    token = int(np.argmax(logits[0]))
+    set_timed(engine, True)
+    Timed.total = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = model.forward([([token], cache)])
+        token = int(np.argmax(logits[0]))
+    elapsed = time.perf_counter() - t0
+    set_timed(engine, False)
+    return n / elapsed, Timed.total / elapsed
+
+
+def prefill_speed(engine: Engine, prompt: list[int], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        cache = engine.model.new_cache(len(prompt))
+        t0 = time.perf_counter()
+        engine.model.forward([(prompt, cache)])
+        best = min(best, time.perf_counter() - t0)
+    return len(prompt) / best
+
+
+def scheduler_speed(engine: Engine, prompts: list[list[int]], n: int) -> float:
+    """Aggregate generated tokens/s of len(prompts) concurrent requests (greedy, n tokens each)."""
+    sched = Scheduler(engine, max_batch=len(prompts), max_queue=len(prompts))
+    try:
+        t0 = time.perf_counter()
+        reqs = [sched.submit(p, SamplingParams(temperature=0, max_tokens=n)) for p in prompts]
+        count = sum(len(list(r)) for r in reqs)
+        return count / (time.perf_counter() - t0)
+    finally:
+        sched.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch fp32 baseline: the same weights, quantization off, greedy decoding with a KV cache
+
+
+@torch.no_grad()
+def torch_decode_speed(model: torch.nn.Module, prompt: list[int], n: int) -> float:
+    from nanochat.model import apply_rope
+
+    model.set_quantization(False)  # plain fp32 linears: what a non-ternary CPU runtime would do
+    cfg = model.config
+    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    caches = [([], []) for _ in model.blocks]
+
+    def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
+        t = ids.shape[1]
+        cos, sin = model.rope_cos[pos:pos + t], model.rope_sin[pos:pos + t]
+        xs = model.tok_emb(ids)
+        xs = xs if cfg.mhc_streams == 1 else xs.unsqueeze(0).expand(cfg.mhc_streams, *xs.shape)
+        for block, (ks, vs) in zip(model.blocks, caches):
+            u = block.attn_norm(block.attn_mhc.read(xs))
+            a = block.attn
+            q = apply_rope(a.q(u).view(1, t, nh, hd).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k(u).view(1, t, nkv, hd).transpose(1, 2), cos, sin)
+            ks.append(k)
+            vs.append(a.v(u).view(1, t, nkv, hd).transpose(1, 2))
+            kk = torch.cat(ks, 2).repeat_interleave(nh // nkv, 1)
+            vv = torch.cat(vs, 2).repeat_interleave(nh // nkv, 1)
+            y = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=t > 1)
+            y = y.transpose(1, 2).reshape(1, t, nh * hd)
+            y = a.o(a.sub_norm(y) if a.sub_norm is not None else y)
+            xs = block.attn_mhc.write(xs, y)
+            xs = block.ffn_mhc.write(xs, block.ffn(block.ffn_norm(block.ffn_mhc.read(xs))))
+        x = model.norm(xs if cfg.mhc_streams == 1 else xs.mean(0))
+        head = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+        return x[:, -1] @ head.T
+
+    logits = step(torch.tensor([prompt]), 0)
+    pos = len(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = logits.argmax(-1)
+        logits = step(token.view(1, 1), pos)
+        pos += 1
+    elapsed = time.perf_counter() - t0
+    model.set_quantization(True)
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="existing .gguf (default: export a random-init --preset)")
+    parser.add_argument("--preset", default="nano-125m", help="preset to build when no --model is given")
+    parser.add_argument("--threads", type=int, default=-1, help="kernel threads (-1 = the kernels' default)")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="decode steps to time")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill")
+    parser.add_argument("--batch", type=int, default=8, help="concurrent sequences for the aggregate figure")
+    parser.add_argument("--torch-threads", type=int, default=-1, help="PyTorch threads (-1 = all cores)")
+    parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch fp32 baseline")
+    args = parser.parse_args()
+
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cores, kernels: {kernels.BACKEND}")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_model = None
+        path = Path(args.model) if args.model else None
+        if path is None:
+            path, torch_model = build_export(args.preset, Path(tmp))
+        size = path.stat().st_size
+        print(f"model file: {size / 1e6:.1f} MB ({size / 2**20:.1f} MiB)")
+        t0 = time.perf_counter()
+        engine = Engine.load(path, threads=None if args.threads == -1 else args.threads)
+        print(f"load: {time.perf_counter() - t0:.1f} s")
+
+    rng = np.random.default_rng(0)
+    vocab = engine.config.vocab_size
+    prompt = [int(t) for t in rng.integers(4, vocab, 16)]
+    results = {}
+    decode_speed(engine, prompt, 8)  # warm-up
+    results["decode"], share = decode_speed(engine, prompt, args.decode_tokens)
+    print(f"decode (1 sequence): {results['decode']:.1f} tok/s; {share:.0%} of decode time inside kernel calls")
+    long_prompt = [int(t) for t in rng.integers(4, vocab, min(args.prefill_tokens, engine.max_seq_len))]
+    results["prefill"] = prefill_speed(engine, long_prompt, repeats=2)
+    print(f"prefill ({len(long_prompt)} tokens): {results['prefill']:.1f} tok/s")
+    n = max(16, args.decode_tokens // 2)
+    one = scheduler_speed(engine, [prompt], n)
+    many = scheduler_speed(engine, [[int(t) for t in rng.integers(4, vocab, 16)] for _ in range(args.batch)], n)
+    print(f"scheduler aggregate: 1 sequence {one:.1f} tok/s, {args.batch} sequences {many:.1f} tok/s "
+          f"({many / one:.2f}x)")
+    if torch_model is None and not args.skip_torch:
+        print("(PyTorch baseline needs the model: run without --model to build one)")
+    elif torch_model is not None and not args.skip_torch:
+        torch.set_num_threads(args.torch_threads if args.torch_threads > 0 else (os.cpu_count() or 1))
+        tps = torch_decode_speed(torch_model, prompt, max(16, args.decode_tokens // 4))
+        print(f"PyTorch fp32 decode (KV cache, {torch.get_num_threads()} threads): {tps:.1f} tok/s; "
+              f"engine is {results['decode'] / tps:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
