@@ -191,3 +191,19 @@ def test_auto_sized_curriculum_run(corpus, tmp_path):
     plan = [train_mod.curriculum_plan(s, args) for s in range(4)]
     assert all(0 <= 4 * 32 - b * t < t for b, t, _ in plan)  # tokens per step steady, up to one window
     assert plan[0][2] < plan[2][2] <= plan[3][2] == 1.0  # data progress: easy (short documents) first
+
+
+def test_replan_only_moves_the_total_during_the_stable_phase():
+    import argparse
+    from nanochat.distributed import DistInfo
+    args = argparse.Namespace(decay_frac=0.2, time_budget=100.0, steps=50)
+    # 1 s per step so far and 20 s spent: the 80 s left fit 80 more steps
+    assert train_mod.replan_steps(args, 10, 10, 10.0, 20.0, DistInfo(), "cpu") == 90
+    # 2 s per step: 40 more steps, exactly the plan: keep it
+    assert train_mod.replan_steps(args, 10, 10, 20.0, 20.0, DistInfo(), "cpu") is None
+    # slower than planned: shrink while the new total's decay is still ahead
+    args.time_budget = 80.0
+    assert train_mod.replan_steps(args, 10, 10, 20.0, 20.0, DistInfo(), "cpu") == 40
+    # inside the decay, or with the budget spent: never
+    assert train_mod.replan_steps(args, 45, 45, 45.0, 50.0, DistInfo(), "cpu") is None
+    assert train_mod.replan_steps(args, 10, 10, 10.0, 120.0, DistInfo(), "cpu") is None

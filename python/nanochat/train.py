@@ -325,6 +325,24 @@ def curriculum_plan(step: int, args) -> tuple[int, int, float]:
     return args.batch_size * args.seq_len // seq_len, seq_len, 0.2 + 0.8 * frac
 
 
+def replan_steps(args, step: int, steps_done: int, loop_seconds: float, job_seconds: float,
+                 info: DistInfo, device: str) -> int | None:
+    """An auto-sized run's new total from its measured pace (evals and checkpoints included), or None
+    to keep it. Only while WSD is in its stable phase: the decay needs the final total, the flat
+    stretch can grow or shrink freely. All ranks agree (min over ranks)."""
+    def decay_start(total: int) -> int:
+        return total - round(args.decay_frac * total)
+
+    new_total = step + int((args.time_budget - job_seconds) / (loop_seconds / steps_done))
+    if info.enabled:
+        t = torch.tensor([new_total], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        new_total = int(t.item())
+    if step >= decay_start(args.steps) or step >= decay_start(new_total) or new_total == args.steps:
+        return None
+    return new_total
+
+
 def probe_step_seconds(config: ModelConfig, args, device: str, precision: str, info: DistInfo, steps: int = 3) -> float:
     """Seconds per optimizer step, timed on a throwaway copy of the model with random tokens (after one
     untimed step), so an auto-sized run's length is fixed before its first real step; max over ranks."""
@@ -426,7 +444,8 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
         eval_seconds = time.perf_counter() - t0
         log(f"step 0: val loss {summary['val_losses'][-1][1]:.4f} | bpb {data.bits_per_byte(summary['val_losses'][-1][1]):.4f} "
             f"({eval_seconds:.1f} s)")
-    if args.steps is None:
+    auto_steps = args.steps is None
+    if auto_steps:
         step_seconds = probe_step_seconds(config, args, device, precision, info)
         spent = time.perf_counter() - job_t0
         args.steps = max(10, int((args.time_budget - spent - (EVALS_PER_RUN + 1) * eval_seconds) / step_seconds))
@@ -437,9 +456,13 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
     args.checkpoint_interval = args.checkpoint_interval or max(1, args.steps // 4)
     if args.curriculum and args.curriculum_steps is None:
         args.curriculum_steps = max(1, int(0.3 * args.steps))
-    if info.is_master:
+
+    def write_run_config() -> None:
         checkpoint.write_run_config(run_dir, config, {**vars(args), "precision": precision, "device": device,
                                                        "world_size": info.world_size})
+
+    if info.is_master:
+        write_run_config()
 
     # background batches; micro-batch i belongs to step i // grad_accum (sampler.batches counts micro-batches)
     batches = data_lib.Prefetcher(sampler, device=device, plan=lambda i: curriculum_plan(i // args.grad_accum, args))
@@ -476,6 +499,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
         say = bar.write if bar is not None else log
         step = start_step
         train_time, window_time, window_tokens = 0.0, 0.0, 0  # pure training seconds (no eval, no saving)
+        loop_t0 = time.perf_counter()
         while step < args.steps:
             t0 = time.perf_counter()
             set_lr(optimizers, lr_mult(step))
@@ -512,6 +536,16 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
                         f"| skipped {train_state['skipped_steps']} | peak mem {record['peak_mem_mb']:,.0f} MB")
                 train_time += window_time
                 window_time, window_tokens = 0.0, 0
+                new_total = replan_steps(args, step, step - start_step, time.perf_counter() - loop_t0,
+                                         time.perf_counter() - job_t0, info, device) if auto_steps else None
+                if new_total is not None:
+                    say(f"steps: {args.steps} -> {new_total} (auto: re-planned from the measured pace to fit --time-budget)")
+                    args.steps = new_total
+                    if bar is not None:
+                        bar.total = new_total
+                        bar.refresh()
+                    if info.is_master:  # a resume must use the total the run is on
+                        write_run_config()
 
             if step % eval_interval == 0 or step == args.steps:
                 val_loss = run_eval(step)
