@@ -72,10 +72,13 @@ pub fn int8_matmul(m: &PackedInt8, x: &[f32], tokens: usize, isa: Isa, pool: &Po
 
 /// Copy each work item's [tokens][rows_of_item] block into y [tokens][rows], dropping padded rows.
 fn gather(pieces: Vec<(WorkItem, Vec<f32>)>, first_tiles: &[usize], tokens: usize, rows: usize) -> Vec<f32> {
-    if pieces.len() == 1 && tokens == 1 {
-        let (_, mut only) = pieces.into_iter().next().expect("one piece");
-        only.truncate(rows);
-        return only;
+    // One piece covering the matrix with no padded rows in the way: it already is y.
+    if pieces.len() == 1 && (tokens == 1 || pieces[0].0.tiles.len() * ROWS_PER_TILE == rows) {
+        if let Some((_, mut only)) = pieces.into_iter().next() {
+            only.truncate(rows);
+            return only;
+        }
+        return Vec::new();
     }
     let mut y = vec![0f32; tokens * rows];
     for (item, block) in pieces {
@@ -113,7 +116,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn config() -> ProptestConfig {
-        ProptestConfig { cases: 24, ..ProptestConfig::default() }
+        ProptestConfig { cases: 64, ..ProptestConfig::default() }
     }
 
     /// Paths this CPU can run; the others are reported, never silently passed.

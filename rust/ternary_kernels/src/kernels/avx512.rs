@@ -20,6 +20,8 @@ use crate::kernels::scalar::finish_int8;
 
 /// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
 const BLOCK_TILES: usize = 4;
+/// Tokens per register block.
+const TOKEN_BLOCK: usize = 4;
 /// Int8: tokens per register block (4 rows x 4 tokens accumulators).
 const INT8_TOKENS: usize = 4;
 
@@ -67,7 +69,7 @@ pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], a
         let tiles = (n_tiles - tile0).min(BLOCK_TILES);
         let mut t0 = 0;
         while t0 < acts.tokens {
-            let nt = (acts.tokens - t0).min(6);
+            let nt = (acts.tokens - t0).min(TOKEN_BLOCK);
             // SAFETY: kernels::ternary only selects this path when Isa::available() confirmed
             // avx512f/bw/vl (and vnni for `vnni`); the asserts above bound every offset used, and
             // each call below covers tiles [tile0, tile0 + tiles) and tokens [t0, t0 + nt) only.
@@ -82,6 +84,10 @@ pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], a
                     (4, 3) => {
                         block!(vnni, (2, 3, 2), &k, tile0, t0, o, ldo);
                         block!(vnni, (2, 3, 2), &k, tile0 + 2, t0, o, ldo)
+                    }
+                    (4, 4) => {
+                        block!(vnni, (2, 4, 1), &k, tile0, t0, o, ldo);
+                        block!(vnni, (2, 4, 1), &k, tile0 + 2, t0, o, ldo)
                     }
                     (_, 1) => {
                         for t in tile0..tile0 + tiles {

@@ -1,0 +1,73 @@
+"""Type stubs for the Rust extension `nanochat._ternary` (rust/ternary_kernels/src/py.rs).
+
+Every call validates its arguments (ValueError naming the argument for a bad dtype, shape, layout or
+value; TypeError for a non-ndarray) and releases the GIL while packing or multiplying.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+class TernaryMatrix:
+    """W[m, k] = codes[m, k] * scales[m, k // group_size], packed 2 bits per weight (docs/packed-layout.md)."""
+
+    def __init__(
+        self,
+        codes: npt.NDArray[np.int8],
+        scales: npt.NDArray[np.float32],
+        group_size: int = 128,
+    ) -> None:
+        """codes int8 [M, K] in {-1, 0, 1}; scales float32 [M, ceil(K / group_size)]; group_size 64, 128 or 256."""
+    @property
+    def rows(self) -> int:
+        """M, the number of outputs."""
+    @property
+    def cols(self) -> int:
+        """K, the number of inputs."""
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed codes and scales, padding included."""
+    def gemv(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """float32 [K] -> float32 [M]; x is quantized to int8 per token inside (nanochat.quant rule)."""
+    def gemm(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """float32 [T, K] -> float32 [T, M]; row t equals gemv(x[t]) bit for bit."""
+    def unpack(self) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+        """(codes int8 [M, K], scales float32 [M, G]) exactly as given."""
+
+class Int8Matrix:
+    """W[m, k] = q[m, k] * scales[m]: per-row int8 weights (e.g. the output head)."""
+
+    def __init__(self, q: npt.NDArray[np.int8], scales: npt.NDArray[np.float32]) -> None:
+        """q int8 [M, K]; scales float32 [M]."""
+    @staticmethod
+    def from_f32(w: npt.NDArray[np.float32]) -> Int8Matrix:
+        """Per-row absmax: scale = max|w| / 127, q = round_half_even(w / scale); all-zero rows get scale 0."""
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def gemv(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """float32 [K] -> float32 [M]."""
+    def gemm(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """float32 [T, K] -> float32 [T, M]."""
+    def unpack(self) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+        """(q int8 [M, K], scales float32 [M])."""
+
+def quantize_activations(
+    x: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """float32 [T, K] -> (q int8 [T, K], s float32 [T]); a 1-D [K] input gives (q [K], s [1]).
+    s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x * s), -128, 127); a token with a NaN or
+    inf gets s = NaN and q = 0."""
+
+def active_isa() -> str:
+    """The kernel path in use: "avx512vnni", "avx512bw", "avx2" or "scalar" (NANOCHAT_TERNARY_ISA forces one)."""
+
+def set_num_threads(n: int) -> None:
+    """Use n >= 1 pinned threads from now on."""
+
+def num_threads() -> int:
+    """Threads in use (NANOCHAT_THREADS or every online CPU unless set)."""
