@@ -45,7 +45,7 @@ def cpu_name() -> str:
 # Building a random-init model and its export
 
 
-def build_export(preset_name: str, folder: Path) -> tuple[Path, torch.nn.Module]:
+def build_export(preset_name: str, folder: Path, ternary: str = "tq2_0") -> tuple[Path, torch.nn.Module]:
     from nanochat.export import export_gguf
     from nanochat.model import GPT
     from nanochat.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ def build_export(preset_name: str, folder: Path) -> tuple[Path, torch.nn.Module]
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     t0 = time.perf_counter()
-    path = export_gguf(model, cfg, tok, folder / "model.gguf")
+    path = export_gguf(model, cfg, tok, folder / "model.gguf", ternary=ternary)
     print(f"export: {time.perf_counter() - t0:.1f} s")
     return path, model
 
@@ -188,6 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="existing .gguf (default: export a random-init --preset)")
     parser.add_argument("--preset", default="nano-125m", help="preset to build when no --model is given")
+    parser.add_argument("--ternary", default="tq2_0", choices=["tq2_0", "tq1_0"], help="ternary block type of the export")
     parser.add_argument("--threads", type=int, default=-1, help="kernel threads (-1 = the kernels' default)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="decode steps to time")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill")
@@ -201,7 +202,7 @@ def main() -> None:
         torch_model = None
         path = Path(args.model) if args.model else None
         if path is None:
-            path, torch_model = build_export(args.preset, Path(tmp))
+            path, torch_model = build_export(args.preset, Path(tmp), args.ternary)
         size = path.stat().st_size
         print(f"model file: {size / 1e6:.1f} MB ({size / 2**20:.1f} MiB)")
         t0 = time.perf_counter()

@@ -58,6 +58,12 @@ def test_engine_logits_match_pytorch_quantized_forward(variant):
     assert kl < 0.01, f"mean KL {kl:.5f}"
 
 
+def test_tq1_0_file_gives_the_same_engine():
+    ids = held_out_ids(50)
+    np.testing.assert_array_equal(Engine.load(exported(ternary="tq1_0")).logits(ids), engine_for().logits(ids))
+    assert exported(ternary="tq1_0").stat().st_size < exported().stat().st_size
+
+
 def test_kv_cache_decode_equals_full_recompute():
     engine = engine_for()
     ids = held_out_ids(60)

@@ -1,8 +1,9 @@
 """Export a trained checkpoint to one self-contained GGUF file (+ the .mhc sidecar).
 
     python -m nanochat.export --checkpoint runs/tiny --output model.gguf [--embed q8_0|f16] [--head q8_0|f16]
+                              [--ternary tq2_0|tq1_0]
 
-The file holds the model config as metadata, the tokenizer, the ternary weights as TQ2_0 codes with
+The file holds the model config as metadata, the tokenizer, the ternary weights as TQ2_0 (or TQ1_0) codes with
 F32 per-group scales, F32 norms and mHC matrices, and the embedding / output head as Q8_0 or F16
 (docs/formats.md). The export is exact: the codes and scales written are quant.weight_scales_codes
 of the checkpoint's weights, bit for bit. With mhc_streams > 1 a `model.mhc` sidecar is written
@@ -28,8 +29,8 @@ from nanochat.config import ModelConfig
 from nanochat.mhc_file import write_mhc
 
 
-def ternary_tensors(w: torch.Tensor, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A BitLinear shadow weight [M, K] -> (TQ2_0 bytes [M, padded_k/256*66], scales f32 [M, G])."""
+def ternary_tensors(w: torch.Tensor, cfg: ModelConfig, ternary: str = "tq2_0") -> tuple[np.ndarray, np.ndarray]:
+    """A BitLinear shadow weight [M, K] -> (TQ2_0 / TQ1_0 blocks of the codes, scales f32 [M, G])."""
     codes, scales = quant.weight_scales_codes(w.detach().float(), cfg.group_size, cfg.weight_quant)
     codes = codes.numpy()
     if not np.isfinite(scales.numpy()).all():
@@ -37,6 +38,8 @@ def ternary_tensors(w: torch.Tensor, cfg: ModelConfig) -> tuple[np.ndarray, np.n
     m, k = codes.shape
     padded = np.zeros((m, fmt.padded_k(k)), dtype=np.int8)
     padded[:, :k] = codes  # zero codes in the padding contribute nothing
+    if ternary == "tq1_0":  # gguf-py's quantizer: d = block absmax (1, or 0 for an all-zero block), exact
+        return gguf.quants.quantize(padded.astype(np.float32), gguf.GGMLQuantizationType.TQ1_0), scales.numpy()
     return fmt.pack_tq2_0(padded), scales.numpy().astype(np.float32)
 
 
@@ -49,7 +52,8 @@ def float_tensor(w: torch.Tensor, kind: str) -> tuple[np.ndarray, gguf.GGMLQuant
     return gguf.quants.quantize(w32, ggml_type), ggml_type
 
 
-def collect_tensors(model: torch.nn.Module, cfg: ModelConfig, embed: str, head: str) -> dict[str, tuple[np.ndarray, object]]:
+def collect_tensors(model: torch.nn.Module, cfg: ModelConfig, embed: str, head: str,
+                    ternary: str = "tq2_0") -> dict[str, tuple[np.ndarray, object]]:
     """GGUF name -> (array, raw GGML type or None for plain F32), in file order."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     f32 = lambda t: t.float().numpy().astype(np.float32)  # noqa: E731
@@ -60,8 +64,8 @@ def collect_tensors(model: torch.nn.Module, cfg: ModelConfig, embed: str, head: 
         for src, dst in fmt.NORMS.items():
             out[fmt.blk(i, f"{dst}.weight")] = (f32(sd[p + src + ".weight"]), None)
         for src, dst in fmt.TERNARY_LINEARS.items():
-            packed, scales = ternary_tensors(sd[p + src + ".weight"], cfg)
-            out[fmt.blk(i, f"{dst}.weight")] = (packed, gguf.GGMLQuantizationType.TQ2_0)
+            packed, scales = ternary_tensors(sd[p + src + ".weight"], cfg, ternary)
+            out[fmt.blk(i, f"{dst}.weight")] = (packed, fmt.ternary_type(ternary))
             out[fmt.blk(i, f"{dst}.scale")] = (scales, None)
         if cfg.sub_norms:
             for src, dst in fmt.SUB_NORMS.items():
@@ -104,13 +108,14 @@ def config_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
 
 
 def export_gguf(model: torch.nn.Module, cfg: ModelConfig, tokenizer, output: str | Path,
-                embed: str = "q8_0", head: str = "q8_0", name: str = "nanochat-ternary") -> Path:
+                embed: str = "q8_0", head: str = "q8_0", name: str = "nanochat-ternary", ternary: str = "tq2_0") -> Path:
     """Write model + tokenizer to `output` (atomically) and, with mHC, the sidecar `output.with_suffix('.mhc')`."""
     output = Path(output)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} != model config vocab_size {cfg.vocab_size}")
-    tensors = collect_tensors(model, cfg, embed, head)
-    expected = {s.name for s in fmt.expected_tensors(cfg, embed, head)}
+    fmt.ternary_type(ternary)  # validate before the slow part
+    tensors = collect_tensors(model, cfg, embed, head, ternary)
+    expected = {s.name for s in fmt.expected_tensors(cfg, embed, head, ternary)}
     assert set(tensors) == expected, sorted(set(tensors) ^ expected)
 
     tmp = output.with_name(output.name + ".tmp")
@@ -119,6 +124,7 @@ def export_gguf(model: torch.nn.Module, cfg: ModelConfig, tokenizer, output: str
     writer.add_uint32(fmt.KEY_FORMAT_VERSION, fmt.FORMAT_VERSION)
     writer.add_string(fmt.KEY_EMBED_TYPE, embed)
     writer.add_string(fmt.KEY_HEAD_TYPE, head)
+    writer.add_string(fmt.KEY_TERNARY_TYPE, ternary)
     config_metadata(writer, cfg)
     tokenizer_metadata(writer, tokenizer)
     crcs = [zlib.crc32(np.ascontiguousarray(a).data) for a, _ in tensors.values()]
@@ -142,12 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="output .gguf path; the .mhc sidecar goes next to it")
     parser.add_argument("--embed", default="q8_0", choices=["q8_0", "f16"], help="token embedding storage type")
     parser.add_argument("--head", default="q8_0", choices=["q8_0", "f16"], help="output head storage type")
+    parser.add_argument("--ternary", default="tq2_0", choices=["tq2_0", "tq1_0"],
+                        help="ternary code blocks: tq2_0 (2.06 bits/weight) or tq1_0 (1.69 bits/weight, smaller file)")
     args = parser.parse_args(argv)
 
     from nanochat.checkpoint import load_model  # training-side import only for the CLI
     model, cfg, tokenizer = load_model(args.checkpoint, device="cpu")
     out = export_gguf(model, cfg, tokenizer, args.output, embed=args.embed, head=args.head,
-                      name=Path(args.checkpoint).resolve().name)
+                      name=Path(args.checkpoint).resolve().name, ternary=args.ternary)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB, {size / 2**20:.1f} MiB)")
     if cfg.mhc_streams > 1:

@@ -1,10 +1,11 @@
 """The GGUF layout of a nanochat-ternary model: tensor names, types, shapes and metadata keys.
 
 Export writes exactly this and the engine loader checks exactly this; docs/formats.md explains it.
-Ternary weights are standard TQ2_0 tensors that hold the codes (block scale d = 1, so
-gguf-py's dequantize gives back codes in {-1,0,1}); the per-group scales sit beside them as F32.
-TQ2_0 blocks are 256 wide along K, so a weight whose K is not a multiple of 256 is stored with
-zero codes appended up to the next multiple (`padded_k`); the scale tensor keeps the true K.
+Ternary weights are standard TQ2_0 tensors (default; or TQ1_0, 1.69 bits, by option) that hold
+the codes (block scale d = 1, so gguf-py's dequantize gives back codes in {-1,0,1}); the per-group
+scales sit beside them as F32. TQ2_0/TQ1_0 blocks are 256 wide along K, so a weight whose K is not
+a multiple of 256 is stored with zero codes appended up to the next multiple (`padded_k`); the
+scale tensor keeps the true K.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ KEY_CONFIG_PREFIX = f"{ARCH}.config."  # + every ModelConfig field name
 KEY_TENSOR_CRC32 = f"{ARCH}.tensor_crc32"  # u32 array: zlib.crc32 of each tensor's bytes, in tensor-info order
 KEY_EMBED_TYPE = f"{ARCH}.embed_type"  # "q8_0" | "f16"
 KEY_HEAD_TYPE = f"{ARCH}.head_type"
+KEY_TERNARY_TYPE = f"{ARCH}.ternary_type"  # "tq2_0" | "tq1_0"
 KEY_USER_ID = f"{ARCH}.tokenizer.user_id"
 KEY_ASSISTANT_ID = f"{ARCH}.tokenizer.assistant_id"
 KEY_END_ID = f"{ARCH}.tokenizer.end_id"
@@ -88,15 +90,17 @@ class TensorSpec:
     shape: tuple[int, ...]  # numpy order (rows, cols); GGUF stores it reversed
 
 
-def expected_tensors(cfg: ModelConfig, embed_type: str = "q8_0", head_type: str = "q8_0") -> list[TensorSpec]:
+def expected_tensors(cfg: ModelConfig, embed_type: str = "q8_0", head_type: str = "q8_0",
+                     ternary: str = "tq2_0") -> list[TensorSpec]:
     """Every tensor a valid file holds, with its type and (element) shape."""
     emb = float_type(embed_type, "embed_type")
+    tern = ternary_type(ternary)
     specs = [TensorSpec(TOKEN_EMBD, emb, (cfg.vocab_size, cfg.dim))]
     for i in range(cfg.n_layers):
         specs.append(TensorSpec(blk(i, "attn_norm.weight"), GGMLType.F32, (cfg.dim,)))
         specs.append(TensorSpec(blk(i, "ffn_norm.weight"), GGMLType.F32, (cfg.dim,)))
         for name, (m, k) in linear_shapes(cfg).items():
-            specs.append(TensorSpec(blk(i, f"{name}.weight"), GGMLType.TQ2_0, (m, padded_k(k))))
+            specs.append(TensorSpec(blk(i, f"{name}.weight"), tern, (m, padded_k(k))))
             specs.append(TensorSpec(blk(i, f"{name}.scale"), GGMLType.F32, (m, n_groups(k, cfg.group_size))))
         if cfg.sub_norms:
             specs.append(TensorSpec(blk(i, "attn_sub_norm.weight"), GGMLType.F32, (cfg.n_heads * cfg.head_dim,)))
@@ -117,6 +121,13 @@ def float_type(name: str, what: str) -> GGMLType:
     types = {"q8_0": GGMLType.Q8_0, "f16": GGMLType.F16}
     if name not in types:
         raise ValueError(f"{what}: expected 'q8_0' or 'f16', got {name!r}")
+    return types[name]
+
+
+def ternary_type(name: str) -> GGMLType:
+    types = {"tq2_0": GGMLType.TQ2_0, "tq1_0": GGMLType.TQ1_0}
+    if name not in types:
+        raise ValueError(f"ternary_type: expected 'tq2_0' or 'tq1_0', got {name!r}")
     return types[name]
 
 

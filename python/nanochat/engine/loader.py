@@ -77,9 +77,9 @@ def read_tokenizer(f: GGUFFile, cfg: ModelConfig) -> tuple[Tokenizer, set[int]]:
     return tok, {i for i, t in enumerate(types) if t == TOKEN_CONTROL}
 
 
-def check_tensors(f: GGUFFile, cfg: ModelConfig, embed: str, head: str) -> None:
+def check_tensors(f: GGUFFile, cfg: ModelConfig, embed: str, head: str, ternary: str) -> None:
     """Exactly the expected tensors, with the expected types, shapes and checksums."""
-    specs = {s.name: s for s in fmt.expected_tensors(cfg, embed, head)}
+    specs = {s.name: s for s in fmt.expected_tensors(cfg, embed, head, ternary)}
     missing = [n for n in specs if n not in f.tensors]
     if missing:
         raise ModelFileError(f"{f.path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -109,8 +109,15 @@ def finite(f: GGUFFile, name: str) -> np.ndarray:
 
 
 def ternary_codes(f: GGUFFile, name: str, k: int) -> np.ndarray:
-    """TQ2_0 tensor -> int8 codes [M, K] (padding dropped); block scales must be 1."""
+    """TQ2_0 / TQ1_0 tensor -> int8 codes [M, K] (padding dropped); block scales must be 1."""
     m, kp = f.tensors[name].shape
+    if f.tensors[name].ggml_type == gguf.GGMLQuantizationType.TQ1_0:
+        codes = gguf.quants.dequantize(np.asarray(f.raw(name)).reshape(m, -1), gguf.GGMLQuantizationType.TQ1_0)
+        if not np.isin(codes, (-1.0, 0.0, 1.0)).all():
+            raise ModelFileError(f"{f.path}: tensor '{name}': TQ1_0 values must be ternary codes (block scale 1)")
+        if codes[:, k:].any():
+            raise ModelFileError(f"{f.path}: tensor '{name}': non-zero codes in the padding beyond K={k}")
+        return codes[:, :k].astype(np.int8)
     q, d = fmt.unpack_tq2_0(f.raw(name).reshape(m, -1), kp)
     if (d != 1.0).any():
         raise ModelFileError(f"{f.path}: tensor '{name}': TQ2_0 block scale d must be 1 (codes only), "
@@ -170,7 +177,10 @@ def load(path: str | Path, mhc_path: str | Path | None = None) -> tuple[ModelCon
     for key, value in ((fmt.KEY_EMBED_TYPE, embed), (fmt.KEY_HEAD_TYPE, head)):
         if value not in ("q8_0", "f16"):
             raise ModelFileError(f"{f.path}: metadata {key!r}: expected 'q8_0' or 'f16', got {value!r}")
-    check_tensors(f, cfg, embed, head)
+    ternary = f.metadata.get(fmt.KEY_TERNARY_TYPE)
+    if ternary not in ("tq2_0", "tq1_0"):
+        raise ModelFileError(f"{f.path}: metadata {fmt.KEY_TERNARY_TYPE!r}: expected 'tq2_0' or 'tq1_0', got {ternary!r}")
+    check_tensors(f, cfg, embed, head, ternary)
     tokenizer, control_ids = read_tokenizer(f, cfg)
 
     override = None
