@@ -102,15 +102,17 @@ def test_scheduler_queue_full_cancel_and_stats():
     ids = held_out_ids(20)
     sched = Scheduler(engine, max_batch=1, max_queue=2)
     try:
-        first = sched.submit(ids, SamplingParams(temperature=0, max_tokens=100))
+        first = sched.submit(ids, SamplingParams(temperature=0, max_tokens=200))
         next(first)  # first is active: the one batch slot is taken
         waiting = [sched.submit(ids, SamplingParams(max_tokens=5)) for _ in range(2)]
         with pytest.raises(QueueFull):
             sched.submit(ids, SamplingParams(max_tokens=5))
         assert sched.stats()["queue_depth"] == 2 and sched.stats()["active"] == 1
+        waiting[1].cancel()  # a cancelled waiting request ends at once, without waiting for a slot
+        assert list(waiting[1]) == [] and sched.stats()["queue_depth"] <= 1
         first.cancel()
-        assert len(list(first)) < 100
-        for r in waiting:
+        assert len(list(first)) < 200
+        for r in waiting[:1]:
             events = list(r)
             assert events[-1].finish_reason in ("length", "stop") and len(events) <= 5
         with pytest.raises(ValueError, match="exceed the model's context"):

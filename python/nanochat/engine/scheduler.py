@@ -110,6 +110,9 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     return
+                # cancelled requests still waiting leave now, not when a batch slot frees up
+                if any(r.cancelled.is_set() for r in self._waiting):
+                    self._waiting = collections.deque(r for r in self._waiting if not self._retire_if_cancelled(r))
                 admitted = []
                 while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
@@ -125,14 +128,15 @@ class Scheduler:
             seq = self.engine.new_sequence(req.prompt_ids, req.params)
             logits = self.engine.model.forward([(seq.next_tokens(), seq.cache)])
             req.sequence = seq
-            self._emit(req, seq.consume(logits[0]))
+            event = seq.consume(logits[0])
         except Exception as e:  # noqa: BLE001 - the consumer gets the error, the loop goes on
             req.events.put(e)
             req.events.put(_END)
             return
-        if not seq.finished:
+        if not seq.finished:  # active before its first event is seen, so stats() never lags the stream
             with self._cond:
                 self._active.append(req)
+        self._emit(req, event)
 
     def _decode_step(self) -> None:
         with self._cond:
