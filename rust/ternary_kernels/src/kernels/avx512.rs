@@ -21,7 +21,7 @@ use crate::kernels::scalar::finish_int8;
 /// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
 const BLOCK_TILES: usize = 4;
 /// Tokens per register block.
-const TOKEN_BLOCK: usize = 4;
+const TOKEN_BLOCK: usize = 6;
 /// Int8: tokens per register block (4 rows x 4 tokens accumulators).
 const INT8_TOKENS: usize = 4;
 
@@ -88,6 +88,14 @@ pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], a
                     (4, 4) => {
                         block!(vnni, (2, 4, 1), &k, tile0, t0, o, ldo);
                         block!(vnni, (2, 4, 1), &k, tile0 + 2, t0, o, ldo)
+                    }
+                    (4, 5) => {
+                        block!(vnni, (2, 5, 1), &k, tile0, t0, o, ldo);
+                        block!(vnni, (2, 5, 1), &k, tile0 + 2, t0, o, ldo)
+                    }
+                    (4, 6) => {
+                        block!(vnni, (2, 6, 1), &k, tile0, t0, o, ldo);
+                        block!(vnni, (2, 6, 1), &k, tile0 + 2, t0, o, ldo)
                     }
                     (_, 1) => {
                         for t in tile0..tile0 + tiles {
@@ -157,6 +165,15 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
     for g in 0..k.groups {
         // VNNI accumulates i32 directly; BW accumulates maddubs pairs in i16 (|sum| <= 16 x 512) per group.
         let mut acc = [[[_mm512_setzero_si512(); PAR]; NT]; RT];
+        if VNNI {
+            // Start each row's first lane at -sum(x) of the group: the code + 1 correction for free.
+            for t in 0..NT {
+                let start = _mm512_maskz_set1_epi32(0x1111, -*k.group_sums.get_unchecked((t0 + t) * k.groups + g));
+                for r in 0..RT {
+                    acc[r][t][0] = start;
+                }
+            }
+        }
         for vi in 0..k.vectors_per_group {
             let v = g * k.vectors_per_group + vi;
             for r in 0..RT {
@@ -186,8 +203,12 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
                 for p in 0..PAR {
                     raw = _mm512_add_epi32(raw, if VNNI { acc[r][t][p] } else { _mm512_madd_epi16(acc[r][t][p], ones16) });
                 }
-                let correction = _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
-                let exact = _mm512_sub_epi32(raw, correction);
+                let exact = if VNNI {
+                    raw
+                } else {
+                    let correction = _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
+                    _mm512_sub_epi32(raw, correction)
+                };
                 facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sc, facc[r][t]);
             }
         }
