@@ -177,7 +177,7 @@ def load(path: str | Path, mhc_path: str | Path | None = None) -> tuple[ModelCon
     for key, value in ((fmt.KEY_EMBED_TYPE, embed), (fmt.KEY_HEAD_TYPE, head)):
         if value not in ("q8_0", "f16"):
             raise ModelFileError(f"{f.path}: metadata {key!r}: expected 'q8_0' or 'f16', got {value!r}")
-    ternary = f.metadata.get(fmt.KEY_TERNARY_TYPE)
+    ternary = f.metadata.get(fmt.KEY_TERNARY_TYPE, "tq2_0")  # files from before the key existed are TQ2_0
     if ternary not in ("tq2_0", "tq1_0"):
         raise ModelFileError(f"{f.path}: metadata {fmt.KEY_TERNARY_TYPE!r}: expected 'tq2_0' or 'tq1_0', got {ternary!r}")
     check_tensors(f, cfg, embed, head, ternary)

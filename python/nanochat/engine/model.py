@@ -76,9 +76,12 @@ class KVCache:
         self.length = 0  # positions filled
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.einsum("...d,...d->...", x, x) / np.float32(x.shape[-1])
-    return x * (1.0 / np.sqrt(ms + np.float32(eps)))[..., None].astype(np.float32) * weight
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (x f32 [N, D])."""
+    ms = np.einsum("nd,nd->n", x, x)
+    ms *= np.float32(1.0 / x.shape[-1])
+    ms += eps
+    return x * (1.0 / np.sqrt(ms))[:, None] * weight
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -86,18 +89,20 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin f32 [max_seq_len, hd/2]; angles in float64 like the training model."""
+    """Full-width tables f32 [max_seq_len, hd]: cos = [c, c], sin = [-s, s]; angles in float64 like the model."""
     hd = cfg.head_dim
     inv_freq = cfg.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     angles = np.outer(np.arange(cfg.max_seq_len, dtype=np.float64), inv_freq)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return np.concatenate([cos, cos], axis=1), np.concatenate([-sin, sin], axis=1)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x [N, heads, hd] with cos/sin [N, 1, hd/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, swap: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x [N, heads, hd] with full-width cos/sin [N, 1, hd]:
+    [x1, x2] * [c, c] + [x2, x1] * [-s, s] = [x1 c - x2 s, x2 c + x1 s] (same rounding as the model)."""
+    out = x * cos
+    out += x[..., swap] * sin
+    return out
 
 
 def softmax_inplace(scores: np.ndarray) -> np.ndarray:
@@ -113,8 +118,12 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, weights: Weights):
         self.cfg, self.w = cfg, weights
         self.cos, self.sin = rope_tables(cfg)
+        half = cfg.head_dim // 2
+        self.swap = np.concatenate([np.arange(half, cfg.head_dim), np.arange(half)])  # [x1, x2] -> [x2, x1]
         self.q_dim = cfg.n_heads * cfg.head_dim
         self.kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.ffn_hidden = cfg.ffn_hidden
+        self.eps = np.float32(cfg.norm_eps)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
@@ -147,16 +156,16 @@ class Transformer:
         xs = x if n == 1 else np.broadcast_to(x, (n, *x.shape)).copy()
         for li, layer in enumerate(self.w.layers):
             u = self._read(xs, layer.attn_mhc)
-            y = self._attention(li, layer, rms_norm(u, layer.attn_norm, cfg.norm_eps), seqs, lengths, cos, sin)
+            y = self._attention(li, layer, rms_norm(u, layer.attn_norm, self.eps), seqs, lengths, cos, sin)
             xs = self._write(xs, y, layer.attn_mhc)
             u = self._read(xs, layer.ffn_mhc)
-            xs = self._write(xs, self._ffn(layer, rms_norm(u, layer.ffn_norm, cfg.norm_eps)), layer.ffn_mhc)
+            xs = self._write(xs, self._ffn(layer, rms_norm(u, layer.ffn_norm, self.eps)), layer.ffn_mhc)
         x = xs if n == 1 else xs.mean(axis=0)
         for (_, cache), t in zip(seqs, lengths):
             cache.length += t
         if not all_logits:
             x = x[np.cumsum(lengths) - 1]
-        return self._linear(self.w.head, rms_norm(x, self.w.output_norm, cfg.norm_eps))
+        return self._linear(self.w.head, rms_norm(x, self.w.output_norm, self.eps))
 
     # mHC read / write; with one stream they are the plain residual
     # (matmul on the flattened [n, N*D] view: np.tensordot costs ~25 us of Python per call)
@@ -174,10 +183,10 @@ class Transformer:
 
     def _ffn(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
         gu = self._linear(layer.gate_up, h)
-        f = self.cfg.ffn_hidden
+        f = self.ffn_hidden
         a = silu(gu[:, :f]) * gu[:, f:]
         if layer.ffn_sub_norm is not None:
-            a = rms_norm(a, layer.ffn_sub_norm, self.cfg.norm_eps)
+            a = rms_norm(a, layer.ffn_sub_norm, self.eps)
         return self._linear(layer.down, a)
 
     def _attention(self, li: int, layer: LayerWeights, h: np.ndarray, seqs, lengths, cos, sin) -> np.ndarray:
@@ -185,29 +194,38 @@ class Transformer:
         hd, n_kv = cfg.head_dim, cfg.n_kv_heads
         r = cfg.n_heads // n_kv
         qkv = self._linear(layer.qkv, h)
-        q = apply_rope(qkv[:, :self.q_dim].reshape(-1, cfg.n_heads, hd), cos, sin)
-        k = apply_rope(qkv[:, self.q_dim:self.q_dim + self.kv_dim].reshape(-1, n_kv, hd), cos, sin)
-        v = qkv[:, self.q_dim + self.kv_dim:].reshape(-1, n_kv, hd)
-        out = np.empty((h.shape[0], self.q_dim), dtype=np.float32)
+        n_tok, qk_dim = h.shape[0], self.q_dim + self.kv_dim
+        qk = apply_rope(qkv[:, :qk_dim].reshape(n_tok, cfg.n_heads + n_kv, hd), cos, sin, self.swap)  # q and k heads
+        q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
+        v = qkv[:, qk_dim:].reshape(n_tok, n_kv, hd)
+        out = np.empty((n_tok, self.q_dim), dtype=np.float32)
         start = 0
         for (_, cache), t in zip(seqs, lengths):
             p0, end = cache.length, start + t
-            cache.k[li, :, p0:p0 + t] = k[start:end].transpose(1, 0, 2)
-            cache.v[li, :, p0:p0 + t] = v[start:end].transpose(1, 0, 2)
+            kc, vc = cache.k[li], cache.v[li]  # [KVH, capacity, hd]
+            if t == 1:  # decode: one query row per head, no mask, no chunks
+                kc[:, p0] = k[start]
+                vc[:, p0] = v[start]
+                scores = np.matmul(q[start].reshape(n_kv, r, hd), kc[:, :p0 + 1].transpose(0, 2, 1))
+                scores *= self.scale
+                out[start] = np.matmul(softmax_inplace(scores), vc[:, :p0 + 1]).reshape(self.q_dim)
+                start = end
+                continue
+            kc[:, p0:p0 + t] = k[start:end].transpose(1, 0, 2)
+            vc[:, p0:p0 + t] = v[start:end].transpose(1, 0, 2)
             # [KVH, r*t, hd]: the r query heads of a kv head share one 3-D matmul (BLAS-friendly, no broadcasting)
-            qh = q[start:end].reshape(t, n_kv, r, hd).transpose(1, 2, 0, 3).reshape(n_kv, r * t, hd)
+            qh = q[start:end].reshape(t, n_kv, r, hd).transpose(1, 2, 0, 3)
             for c0 in range(0, t, ATTN_QUERY_CHUNK):
                 c1 = min(t, c0 + ATTN_QUERY_CHUNK)
                 s_len = p0 + c1  # keys visible to the last query of this chunk
-                qc = qh.reshape(n_kv, r, t, hd)[:, :, c0:c1].reshape(n_kv, r * (c1 - c0), hd)
-                scores = np.matmul(qc, cache.k[li, :, :s_len].transpose(0, 2, 1))
+                qc = qh[:, :, c0:c1].reshape(n_kv, r * (c1 - c0), hd)
+                scores = np.matmul(qc, kc[:, :s_len].transpose(0, 2, 1))
                 scores *= self.scale
-                if c1 - c0 > 1:  # causal: query at position p0+i sees keys 0..p0+i
-                    future = np.arange(s_len)[None, :] > (p0 + np.arange(c0, c1))[:, None]
-                    scores.reshape(n_kv, r, c1 - c0, s_len)[:, :, future] = -np.inf
-                y = np.matmul(softmax_inplace(scores), cache.v[li, :, :s_len])  # [KVH, r*c, hd]
+                future = np.arange(s_len)[None, :] > (p0 + np.arange(c0, c1))[:, None]  # causal mask
+                scores.reshape(n_kv, r, c1 - c0, s_len)[:, :, future] = -np.inf
+                y = np.matmul(softmax_inplace(scores), vc[:, :s_len])  # [KVH, r*c, hd]
                 out[start + c0:start + c1] = y.reshape(n_kv, r, c1 - c0, hd).transpose(2, 0, 1, 3).reshape(c1 - c0, self.q_dim)
             start = end
         if layer.attn_sub_norm is not None:
-            out = rms_norm(out, layer.attn_sub_norm, cfg.norm_eps)
+            out = rms_norm(out, layer.attn_sub_norm, self.eps)
         return self._linear(layer.o, out)
