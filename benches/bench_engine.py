@@ -220,8 +220,11 @@ def main() -> None:
     results["prefill"] = prefill_speed(engine, long_prompt, repeats=2)
     print(f"prefill ({len(long_prompt)} tokens): {results['prefill']:.1f} tok/s")
     n = max(16, args.decode_tokens // 2)
-    one = scheduler_speed(engine, [prompt], n)
-    many = scheduler_speed(engine, [[int(t) for t in rng.integers(4, vocab, 16)] for _ in range(args.batch)], n)
+    prompts = [[int(t) for t in rng.integers(4, vocab, 16)] for _ in range(args.batch)]
+    one, many = 0.0, 0.0
+    for _ in range(2):  # best of two, interleaved: the machine is shared and its load drifts
+        one = max(one, scheduler_speed(engine, [prompt], n))
+        many = max(many, scheduler_speed(engine, prompts, n))
     print(f"scheduler aggregate: 1 sequence {one:.1f} tok/s, {args.batch} sequences {many:.1f} tok/s "
           f"({many / one:.2f}x)")
     if torch_model is None and not args.skip_torch:
