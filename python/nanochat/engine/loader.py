@@ -61,14 +61,19 @@ def read_tokenizer(f: GGUFFile, cfg: ModelConfig) -> tuple[Tokenizer, set[int]]:
     for key in (fmt.KEY_TOK_TOKENS, fmt.KEY_TOK_MERGES, fmt.KEY_TOK_TYPES):
         if key not in f.metadata:
             raise ModelFileError(f"{f.path}: missing metadata key {key!r}")
-    tokens, merges = f.metadata[fmt.KEY_TOK_TOKENS], f.metadata[fmt.KEY_TOK_MERGES]
-    types = [int(t) for t in f.metadata[fmt.KEY_TOK_TYPES]]
+    tokens, merges, types = (f.metadata[k] for k in (fmt.KEY_TOK_TOKENS, fmt.KEY_TOK_MERGES, fmt.KEY_TOK_TYPES))
+    for key, value in ((fmt.KEY_TOK_TOKENS, tokens), (fmt.KEY_TOK_MERGES, merges)):
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise ModelFileError(f"{f.path}: metadata {key!r}: expected an array of strings")
+    if not isinstance(types, np.ndarray) or types.dtype.kind not in "iu":
+        raise ModelFileError(f"{f.path}: metadata {fmt.KEY_TOK_TYPES!r}: expected an array of integers")
+    types = [int(t) for t in types]
     if len(tokens) != cfg.vocab_size or len(types) != cfg.vocab_size:
         raise ModelFileError(f"{f.path}: tokenizer has {len(tokens)} tokens and {len(types)} token types, "
                              f"expected vocab_size={cfg.vocab_size}")
     try:
         tok = Tokenizer.from_vocab_merges(list(tokens), list(merges), types)
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises plain Exceptions on bad vocabularies
         raise ModelFileError(f"{f.path}: bad tokenizer in metadata: {e}") from e
     for key, want in ((fmt.KEY_TOK_BOS, tok.bos_id), (fmt.KEY_USER_ID, tok.user_id),
                       (fmt.KEY_ASSISTANT_ID, tok.assistant_id), (fmt.KEY_END_ID, tok.end_id)):
@@ -87,9 +92,9 @@ def check_tensors(f: GGUFFile, cfg: ModelConfig, embed: str, head: str, ternary:
     if extra:
         raise ModelFileError(f"{f.path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
     crcs = f.metadata.get(fmt.KEY_TENSOR_CRC32)
-    if crcs is None or len(crcs) != len(f.tensors):
-        raise ModelFileError(f"{f.path}: metadata {fmt.KEY_TENSOR_CRC32!r}: expected {len(f.tensors)} checksums, "
-                             f"got {None if crcs is None else len(crcs)}")
+    if not isinstance(crcs, np.ndarray) or crcs.dtype.kind not in "iu" or len(crcs) != len(f.tensors):
+        raise ModelFileError(f"{f.path}: metadata {fmt.KEY_TENSOR_CRC32!r}: expected an array of {len(f.tensors)} "
+                             f"u32 checksums, got {type(crcs).__name__} {getattr(crcs, 'shape', '')}")
     for (name, info), want in zip(f.tensors.items(), crcs):
         spec = specs[name]
         if info.ggml_type != spec.ggml_type:
