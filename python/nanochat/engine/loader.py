@@ -11,6 +11,7 @@ matrices from the GGUF after its own checks (mhc_file.read_mhc).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import zlib
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from nanochat.engine.gguf_file import GGUFFile, GGUFFormatError
 from nanochat.engine.model import Embedding, LayerWeights, MhcMix, Weights
 from nanochat.mhc_file import MhcFileError, read_mhc
 from nanochat.tokenizer import TOKEN_CONTROL, Tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 class ModelFileError(ValueError):
@@ -178,6 +182,9 @@ def load(path: str | Path, mhc_path: str | Path | None = None) -> tuple[ModelCon
     except GGUFFormatError as e:
         raise ModelFileError(str(e)) from e
     cfg = read_config(f)
+    if cfg.activation_bits == 0:
+        log.warning("%s: model trained without activation quantization (activation_bits=0); the CPU kernels "
+                    "quantize activations to int8 per token, so outputs differ slightly from training", f.path)
     embed, head = f.metadata.get(fmt.KEY_EMBED_TYPE), f.metadata.get(fmt.KEY_HEAD_TYPE)
     for key, value in ((fmt.KEY_EMBED_TYPE, embed), (fmt.KEY_HEAD_TYPE, head)):
         if value not in ("q8_0", "f16"):
