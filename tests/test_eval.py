@@ -257,6 +257,21 @@ def test_bpb_counts_the_utf8_bytes_of_the_scored_text(tiny):
     assert windows.shape == (4, 101) and windows[1, 0] == 100 and windows[1, -1] == 200
 
 
+def test_frozen_ternary_weights_give_identical_logits(tiny):
+    import torch
+
+    from nanochat.checkpoint import load_model
+    from nanochat.eval.source import freeze_ternary_weights
+
+    model, cfg, _ = load_model(tiny["run"])
+    x = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)[0]
+        freeze_ternary_weights(model)
+        after = model(x)[0]
+    assert torch.equal(before, after)
+
+
 def test_greedy_generation_continues_the_memorised_text_on_both_paths(tiny):
     from nanochat.eval.source import load_source
 

@@ -30,6 +30,29 @@ def truncate_at_stops(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+def freeze_ternary_weights(model) -> None:
+    """For inference only: quantize every BitLinear's weight once instead of at every forward.
+
+    Each BitLinear keeps its arithmetic (int8 fake-quant of the input, then the same ternary
+    weight), so logits are bit-identical; generation no longer re-quantizes millions of weights
+    per token. The model must not be trained afterwards (its BitLinears ignore weight updates).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from nanochat import quant
+    from nanochat.model import BitLinear
+
+    for module in model.modules():
+        if isinstance(module, BitLinear) and module.quantize:
+            with torch.no_grad():
+                w_q = quant.quantize_weight(module.weight, module.group_size, module.weight_quant).detach()
+
+            def forward(x, w_q=w_q, bits=module.activation_bits):
+                return F.linear(quant.quantize_activation(x, bits), w_q)
+            module.forward = forward
+
+
 def special_ids(tokenizer) -> set[int]:
     return {tokenizer.bos_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id}
 
@@ -122,6 +145,7 @@ def load_source(checkpoint: str | None, model: str | None, device: str = "cpu", 
         if not path.exists():
             raise FileNotFoundError(f"--checkpoint: no such run or checkpoint folder: {path}")
         net, config, tokenizer = load_model(path, device=device)
+        freeze_ternary_weights(net)
         return TorchSource(net, config, tokenizer, device, name=path.resolve().name,
                            out_dir=Path(out_dir) if out_dir else path)
     path = Path(model)
