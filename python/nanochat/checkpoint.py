@@ -142,6 +142,7 @@ def save_checkpoint(
 
     plain = unwrap(model)
     safetensors.torch.save_model(plain, str(tmp / WEIGHTS), metadata={"model_config": config.to_json()})
+    os.chmod(tmp / WEIGHTS, 0o644)  # safetensors creates it owner-only; the other files are 0644 too
     state = {
         "step": step,
         "optimizers": [opt.state_dict() for opt in optimizers],

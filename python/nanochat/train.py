@@ -499,6 +499,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
         say = bar.write if bar is not None else log
         step = start_step
         train_time, window_time, window_tokens = 0.0, 0.0, 0  # pure training seconds (no eval, no saving)
+        window_losses: list[float] = []  # the logged train loss is the mean over the log window
         loop_t0 = time.perf_counter()
         while step < args.steps:
             t0 = time.perf_counter()
@@ -513,6 +514,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
             step_tokens = sum(x.numel() for x, _ in micro_batches) * info.world_size
             window_time += time.perf_counter() - t0
             window_tokens += step_tokens
+            window_losses.append(loss)
             train_state["skipped_steps"] += int(skipped)
             train_state["tokens_seen"] += step_tokens
             summary["losses"].append(loss)
@@ -523,7 +525,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
             if step % args.log_interval == 0 or step == args.steps:
                 tok_s = window_tokens / window_time
                 mfu = tok_s * model.flops_per_token(seq_len) / (peak_flops * info.world_size) if peak_flops else None
-                mean_loss = all_reduce_mean(loss, info, device)
+                mean_loss = all_reduce_mean(sum(window_losses) / len(window_losses), info, device)
                 record = dict(loss=mean_loss, lr=optimizers[0].param_groups[0]["lr"], lr_mult=lr_mult(step - 1),
                               grad_norm=grad_norm, tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.get_scale(),
                               skipped_steps=train_state["skipped_steps"], peak_mem_mb=peak_memory_mb(device),
@@ -535,7 +537,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
                         f"| {tok_s:,.0f} tok/s | MFU {mfu_text} | loss scale {record['loss_scale']:g} "
                         f"| skipped {train_state['skipped_steps']} | peak mem {record['peak_mem_mb']:,.0f} MB")
                 train_time += window_time
-                window_time, window_tokens = 0.0, 0
+                window_time, window_tokens, window_losses = 0.0, 0, []
                 new_total = replan_steps(args, step, step - start_step, time.perf_counter() - loop_t0,
                                          time.perf_counter() - job_t0, info, device) if auto_steps else None
                 if new_total is not None:
