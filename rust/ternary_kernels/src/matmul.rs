@@ -75,7 +75,7 @@ fn gather(pieces: Vec<(WorkItem, Vec<f32>)>, first_tiles: &[usize], tokens: usiz
     // One piece covering the matrix with no padded rows in the way: it already is y.
     if pieces.len() == 1 && (tokens == 1 || pieces[0].0.tiles.len() * ROWS_PER_TILE == rows) {
         if let Some((_, mut only)) = pieces.into_iter().next() {
-            only.truncate(rows);
+            only.truncate(tokens * rows);
             return only;
         }
         return Vec::new();
@@ -169,6 +169,19 @@ mod tests {
             let pool = Pool::new(1, &Topology::detect()).unwrap();
             let m = PackedTernary::new(&codes, &scales, shape).unwrap();
             let want = ternary_matmul(&m, &x, tokens, Isa::Scalar, &pool).unwrap();
+            // The scalar path against the definition, straight from codes and scales (exact here).
+            let (q, s) = crate::act::quantize_activations(&x, tokens, shape.cols);
+            let groups = shape.groups();
+            for t in 0..tokens {
+                for row in 0..shape.rows {
+                    let mut acc = 0f64;
+                    for k in 0..shape.cols {
+                        let w = codes[row * shape.cols + k] as f64 * scales[row * groups + k / shape.group_size] as f64;
+                        acc += w * q[t * shape.cols + k] as f64;
+                    }
+                    prop_assert_eq!(want[t * shape.rows + row], (acc as f32) / s[t], "row {} token {}", row, t);
+                }
+            }
             for isa in runnable() {
                 let got = ternary_matmul(&m, &x, tokens, isa, &pool).unwrap();
                 prop_assert_eq!(&got, &want, "{} differs from scalar for {:?} x {} tokens", isa.name(), shape, tokens);
