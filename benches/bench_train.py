@@ -16,12 +16,14 @@ import os
 import sys
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py does: spinning OpenMP waits starve shared cores
 
-from nanochat.config import PRESETS, preset
-from nanochat.model import GPT
-from nanochat.optim import build_optimizers
-from nanochat.train import accumulate_gradients, autocast_context, device_peak_flops, optimizer_step
+import torch  # noqa: E402
+
+from nanochat.config import PRESETS, preset  # noqa: E402
+from nanochat.model import GPT  # noqa: E402
+from nanochat.optim import build_optimizers  # noqa: E402
+from nanochat.train import accumulate_gradients, autocast_context, device_peak_flops, optimizer_step  # noqa: E402
 
 
 def bench(model, optimizers, scaler, device: str, precision: str, batch_size: int, seq_len: int,
