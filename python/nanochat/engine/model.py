@@ -78,6 +78,9 @@ class KVCache:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
     """x * rsqrt(mean(x^2) + eps) * weight over the last dim (x f32 [N, D])."""
+    if x.shape[0] == 1:  # decode: scalar math on one row is half the numpy calls
+        row = x[0]
+        return x * (np.float32(1.0) / np.sqrt(np.dot(row, row) / np.float32(row.shape[0]) + eps)) * weight
     ms = np.einsum("nd,nd->n", x, x)
     ms *= np.float32(1.0 / x.shape[-1])
     ms += eps
