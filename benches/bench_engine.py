@@ -66,52 +66,56 @@ def build_export(preset_name: str, folder: Path, ternary: str = "tq2_0") -> tupl
 
 
 class Timed:
-    total = 0.0
+    """A matrix whose gemv/gemm calls add their wall time to `Timed.by_part[part]`."""
+    by_part: dict[str, float] = {}
 
-    def __init__(self, mat):
-        self.mat = mat
+    def __init__(self, mat, part: str):
+        self.mat, self.part = mat, part
 
     def gemv(self, x):
         t0 = time.perf_counter()
         y = self.mat.gemv(x)
-        Timed.total += time.perf_counter() - t0
+        Timed.by_part[self.part] = Timed.by_part.get(self.part, 0.0) + time.perf_counter() - t0
         return y
 
     def gemm(self, x):
         t0 = time.perf_counter()
         y = self.mat.gemm(x)
-        Timed.total += time.perf_counter() - t0
+        Timed.by_part[self.part] = Timed.by_part.get(self.part, 0.0) + time.perf_counter() - t0
         return y
 
 
 def set_timed(engine: Engine, on: bool) -> None:
     w = engine.model.w
     unwrap = lambda m: m.mat if isinstance(m, Timed) else m  # noqa: E731
-    wrap = (lambda m: Timed(unwrap(m))) if on else unwrap
+    wrap = (lambda m, part: Timed(unwrap(m), part)) if on else (lambda m, part: unwrap(m))
     for layer in w.layers:
-        layer.qkv, layer.o, layer.gate_up, layer.down = (wrap(m) for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    w.head = wrap(w.head)
+        layer.qkv, layer.o = wrap(layer.qkv, "qkv"), wrap(layer.o, "o")
+        layer.gate_up, layer.down = wrap(layer.gate_up, "gate_up"), wrap(layer.down, "down")
+    w.head = wrap(w.head, "head (int8)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Engine measurements
 
 
-def decode_speed(engine: Engine, prompt: list[int], n: int) -> tuple[float, float]:
-    """(tokens/s of decode steps after a prefill, share of that time inside kernel calls)."""
+def decode_speed(engine: Engine, prompt: list[int], n: int) -> tuple[float, dict[str, float]]:
+    """(tokens/s of decode steps after a prefill, ms per token in each kind of kernel call and outside them)."""
     model = engine.model
     cache = model.new_cache(len(prompt) + n + 1)
     logits = model.forward([(prompt, cache)])
     token = int(np.argmax(logits[0]))
     set_timed(engine, True)
-    Timed.total = 0.0
+    Timed.by_part = {}
     t0 = time.perf_counter()
     for _ in range(n):
         logits = model.forward([([token], cache)])
         token = int(np.argmax(logits[0]))
     elapsed = time.perf_counter() - t0
     set_timed(engine, False)
-    return n / elapsed, Timed.total / elapsed
+    parts = {k: v / n * 1e3 for k, v in Timed.by_part.items()}
+    parts["python (outside kernels)"] = elapsed / n * 1e3 - sum(parts.values())
+    return n / elapsed, parts
 
 
 def prefill_speed(engine: Engine, prompt: list[int], repeats: int) -> float:
@@ -214,8 +218,10 @@ def main() -> None:
     prompt = [int(t) for t in rng.integers(4, vocab, 16)]
     results = {}
     decode_speed(engine, prompt, 8)  # warm-up
-    results["decode"], share = decode_speed(engine, prompt, args.decode_tokens)
+    results["decode"], parts = decode_speed(engine, prompt, args.decode_tokens)
+    share = 1 - parts["python (outside kernels)"] / sum(parts.values())
     print(f"decode (1 sequence): {results['decode']:.1f} tok/s; {share:.0%} of decode time inside kernel calls")
+    print("  ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     long_prompt = [int(t) for t in rng.integers(4, vocab, min(args.prefill_tokens, engine.max_seq_len))]
     results["prefill"] = prefill_speed(engine, long_prompt, repeats=2)
     print(f"prefill ({len(long_prompt)} tokens): {results['prefill']:.1f} tok/s")
