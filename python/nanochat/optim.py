@@ -8,9 +8,14 @@
 - AdamW for the token embedding and output head (with weight decay) and for the norm weights and mHC
   logits (without).
 - One learning-rate knob: `build_optimizers(model, lr=1.0)` takes a *multiplier* of the per-group
-  defaults MUON_LR and ADAMW_LR (tuned on the `tiny` preset), stored in each param group as
-  `base_lr`. `set_lr(optimizers, factor)` then sets every group's lr to base_lr * factor, where the
-  factor comes from the schedule, e.g. `set_lr(opts, wsd_lr(step, total, warmup, 0.2))`.
+  defaults MUON_LR and ADAMW_LR, stored in each param group as `base_lr`. `set_lr(optimizers, factor)`
+  then sets every group's lr to base_lr * factor, where the factor comes from the schedule, e.g.
+  `set_lr(opts, wsd_lr(step, total, warmup, 0.2))`.
+- Default lrs, from a sweep on the `tiny` preset (batch 8 x 128 tokens, 150 steps, WSD with 20 warmup
+  and 30% decay, stdlib .py bytes; validation loss in nats): Muon/AdamW 0.02/0.003: 2.25,
+  0.04/0.006: 2.19, 0.01/0.0015: 2.34, 0.08/0.012: 2.26, 0.05/0.003: 2.19, 0.04/0.01: 2.15,
+  0.02/0.01: 2.15, 0.02/0.02: 2.13. The AdamW side (embedding/head) wanted the bigger lr; we take
+  0.02/0.01 (longer runs tolerate less). Larger presets likely want a multiplier below 1.
 - `wsd_lr`: warmup-stable-decay: linear warmup, a flat stretch, a linear decay over the last
   decay_frac of training.
 
@@ -25,7 +30,7 @@ import torch
 import torch.nn as nn
 
 MUON_LR = 0.02  # Muon lr for the block matrices at multiplier 1.0
-ADAMW_LR = 3e-3  # AdamW lr for embedding, head, norms and mHC at multiplier 1.0
+ADAMW_LR = 1e-2  # AdamW lr for embedding, head, norms and mHC at multiplier 1.0
 MUON_MOMENTUM = 0.95
 ADAMW_BETAS = (0.9, 0.95)
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Keller Jordan)
@@ -44,7 +49,9 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> 
     x = x / (x.norm() + eps)  # Frobenius norm >= spectral norm, so singular values start <= 1
     for _ in range(steps):
         gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        # x <- a x + (b gram + c gram^2) x, the scalings folded into the two matmuls (one pass each)
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
     return x.T if transposed else x
 
 
