@@ -29,7 +29,11 @@ const LLC_BYTES: usize = 32 << 20;
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
@@ -141,7 +145,11 @@ fn main() {
         bw_all * 2.0 * 8.0 / 2.25
     );
 
-    let (warm, measure) = if full { (Duration::from_millis(500), Duration::from_secs(2)) } else { (Duration::from_millis(200), Duration::from_millis(700)) };
+    let (warm, measure) = if full {
+        (Duration::from_millis(500), Duration::from_secs(2))
+    } else {
+        (Duration::from_millis(200), Duration::from_millis(700))
+    };
     let mut c = Criterion::default().warm_up_time(warm).measurement_time(measure).sample_size(10).configure_from_args();
     let mut rows: Vec<Row> = Vec::new();
     let thread_counts: Vec<usize> = if all > 1 { vec![1, all] } else { vec![1] };
@@ -246,14 +254,20 @@ fn main() {
             for pool in &pools {
                 let one = m * k / 4;
                 let count = (2 * LLC_BYTES).div_ceil(one).max(2);
-                let mats: Vec<PackedTernary> = (0..count).map(|i| random_matrix(m, k, 128, 1000 + i as u64, pool)).collect();
+                let mats: Vec<PackedTernary> =
+                    (0..count).map(|i| random_matrix(m, k, 128, 1000 + i as u64, pool)).collect();
                 let bytes_per_weight = mats[0].nbytes() as f64 / (m * k) as f64;
                 let x = random_x(1, k);
                 let ops = 2.0 * (m * k) as f64;
                 let id = format!("{}/{m}x{k}/t{}/x{count}", best.name(), pool.threads());
                 let mut i = 0;
                 let bw = if pool.threads() == 1 { bw1 } else { bw_all };
-                println!("  cold {m}x{k} t{}: ceiling {:.0} GOPS at {:.3} bytes/weight", pool.threads(), bw * 2.0 / bytes_per_weight, bytes_per_weight);
+                println!(
+                    "  cold {m}x{k} t{}: ceiling {:.0} GOPS at {:.3} bytes/weight",
+                    pool.threads(),
+                    bw * 2.0 / bytes_per_weight,
+                    bytes_per_weight
+                );
                 case(&mut group, &mut rows, "gemv_cold", id, ops, || {
                     i = (i + 1) % count;
                     black_box(ternary_matmul(&mats[i], &x, 1, best, pool).expect("gemv"));
@@ -290,19 +304,30 @@ fn main() {
 
 /// One GOPS table: criterion's mean and the best single call, for every benchmark.
 fn print_summary(rows: &[Row]) {
-    let root = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").into());
-    println!("\n{:<52} {:>11} {:>10} {:>10}", "benchmark (M x K, T tokens, t threads)", "mean time", "mean GOPS", "best GOPS");
+    let root = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").into());
+    println!(
+        "\n{:<52} {:>11} {:>10} {:>10}",
+        "benchmark (M x K, T tokens, t threads)", "mean time", "mean GOPS", "best GOPS"
+    );
     for row in rows {
         // criterion turns the '/' of an id into '_' in its directory names
         let path = format!("{root}/criterion/{}/{}/new/estimates.json", row.group, row.id.replace('/', "_"));
         let mean = std::fs::read_to_string(&path).ok().and_then(|s| mean_ns(&s));
         let name = format!("{}/{}", row.group, row.id);
         if row.ops == 0.0 {
-            println!("{name:<52} {:>9.1}us {:>10} {:>8.1}us (best time)", mean.unwrap_or(f64::NAN) / 1e3, "", row.best * 1e6);
+            println!(
+                "{name:<52} {:>9.1}us {:>10} {:>8.1}us (best time)",
+                mean.unwrap_or(f64::NAN) / 1e3,
+                "",
+                row.best * 1e6
+            );
             continue;
         }
         match mean {
-            Some(ns) => println!("{name:<52} {:>9.1}us {:>10.1} {:>10.1}", ns / 1e3, row.ops / ns, row.ops / row.best / 1e9),
+            Some(ns) => {
+                println!("{name:<52} {:>9.1}us {:>10.1} {:>10.1}", ns / 1e3, row.ops / ns, row.ops / row.best / 1e9)
+            }
             None => println!("{name:<52} {:>11} {:>10} {:>10.1}", "n/a", "n/a", row.ops / row.best / 1e9),
         }
     }

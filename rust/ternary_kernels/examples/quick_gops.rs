@@ -9,7 +9,11 @@ use _ternary::{place_ternary, ternary_matmul, Pool};
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (m, k, tokens) = (args.first().copied().unwrap_or(2048), args.get(1).copied().unwrap_or(2048), args.get(2).copied().unwrap_or(1));
+    let (m, k, tokens) = (
+        args.first().copied().unwrap_or(2048),
+        args.get(1).copied().unwrap_or(2048),
+        args.get(2).copied().unwrap_or(1),
+    );
     let threads = args.get(3).copied().unwrap_or(1);
     let pool = Pool::new(threads, &Topology::detect()).expect("pool");
     let shape = TernaryShape { rows: m, cols: k, group_size: 128 };
@@ -46,7 +50,10 @@ fn main() {
         let kops = 2.0 * (part.tiles * 4 * k * tokens) as f64;
         println!(
             "{:<11} {m}x{k} T{tokens} t{threads}: {:8.1} us  {:6.1} GOPS   (kernel alone {:6.1} GOPS)",
-            isa.name(), best * 1e6, 2.0 * (m * k * tokens) as f64 / best / 1e9, kops / kbest / 1e9
+            isa.name(),
+            best * 1e6,
+            2.0 * (m * k * tokens) as f64 / best / 1e9,
+            kops / kbest / 1e9
         );
     }
     // The table-lookup experiment (kernels/lut.rs) on the same matrix, one token, tables built per call.
@@ -61,7 +68,11 @@ fn main() {
                 _ternary::kernels::lut::gemv(&lut, q, acts.s[0], &mut out);
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("lut-pshufb  {m}x{k} T1 t1: {:8.1} us  {:6.1} GOPS   (kernel + tables, avx512bw)", best * 1e6, 2.0 * (m * k) as f64 / best / 1e9);
+            println!(
+                "lut-pshufb  {m}x{k} T1 t1: {:8.1} us  {:6.1} GOPS   (kernel + tables, avx512bw)",
+                best * 1e6,
+                2.0 * (m * k) as f64 / best / 1e9
+            );
         }
     }
 }

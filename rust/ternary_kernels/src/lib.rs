@@ -5,6 +5,9 @@
 //! Only `py.rs` (and the conversion in `error.rs`) touch Python; everything else is plain Rust so
 //! `cargo test` and `cargo bench` run without an interpreter.
 
+// Register-blocked kernels index several accumulator arrays in lockstep; ranges read clearer there.
+#![allow(clippy::needless_range_loop)]
+
 pub mod act;
 pub mod aligned;
 pub mod error;

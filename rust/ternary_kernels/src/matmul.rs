@@ -21,7 +21,10 @@ pub struct WorkItem {
 
 fn check_x(x: &[f32], tokens: usize, cols: usize) -> Result<()> {
     if x.len() != tokens * cols {
-        return Err(invalid("x", format!("expected {tokens} x {cols} = {} values (K = {cols}), got {}", tokens * cols, x.len())));
+        return Err(invalid(
+            "x",
+            format!("expected {tokens} x {cols} = {} values (K = {cols}), got {}", tokens * cols, x.len()),
+        ));
     }
     Ok(())
 }
@@ -93,7 +96,12 @@ fn gather(pieces: Vec<(WorkItem, Vec<f32>)>, first_tiles: &[usize], tokens: usiz
 }
 
 /// Validate and pack a ternary matrix with its parts placed on the pool's nodes.
-pub fn place_ternary(codes: &[i8], scales: &[f32], shape: crate::format::TernaryShape, pool: &Pool) -> Result<PackedTernary> {
+pub fn place_ternary(
+    codes: &[i8],
+    scales: &[f32],
+    shape: crate::format::TernaryShape,
+    pool: &Pool,
+) -> Result<PackedTernary> {
     crate::pack::validate_ternary(codes, scales, shape)?;
     let parts = pool.place(shape.tiles(), |tiles| crate::pack::TernaryPart::pack(codes, scales, shape, tiles));
     Ok(PackedTernary { shape, parts })

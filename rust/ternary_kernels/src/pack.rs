@@ -35,7 +35,10 @@ pub fn validate_ternary(codes: &[i8], scales: &[f32], shape: TernaryShape) -> Re
         return Err(invalid("codes", format!("expected a non-empty [M, K] matrix, got [{rows}, {cols}]")));
     }
     if codes.len() != rows * cols {
-        return Err(invalid("codes", format!("expected {} values for [{rows}, {cols}], got {}", rows * cols, codes.len())));
+        return Err(invalid(
+            "codes",
+            format!("expected {} values for [{rows}, {cols}], got {}", rows * cols, codes.len()),
+        ));
     }
     let g = shape.groups();
     if scales.len() != rows * g {
@@ -178,7 +181,10 @@ pub fn validate_int8(q: &[i8], scales: &[f32], shape: Int8Shape) -> Result<()> {
         return Err(invalid("q", format!("expected {} values for [{rows}, {cols}], got {}", rows * cols, q.len())));
     }
     if scales.len() != rows {
-        return Err(invalid("scales", format!("expected shape [{rows}] (one per row of q), got {} values", scales.len())));
+        return Err(invalid(
+            "scales",
+            format!("expected shape [{rows}] (one per row of q), got {} values", scales.len()),
+        ));
     }
     Ok(())
 }
@@ -214,7 +220,10 @@ impl PackedInt8 {
     /// Per-row absmax quantization: scale = max|w| / 127, q = round_half_even(w / scale); zero rows get scale 0.
     pub fn quantize_f32(w: &[f32], rows: usize, cols: usize) -> Result<(Vec<i8>, Vec<f32>)> {
         if rows == 0 || cols == 0 || w.len() != rows * cols {
-            return Err(invalid("w", format!("expected a non-empty [M, K] matrix, got {} values for [{rows}, {cols}]", w.len())));
+            return Err(invalid(
+                "w",
+                format!("expected a non-empty [M, K] matrix, got {} values for [{rows}, {cols}]", w.len()),
+            ));
         }
         let mut q = vec![0i8; rows * cols];
         let mut scales = vec![0f32; rows];

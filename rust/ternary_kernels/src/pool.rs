@@ -181,9 +181,8 @@ impl Pool {
             return whole();
         }
         let plan = self.plan(part_tiles);
-        let per_thread = workers.broadcast(|ctx| {
-            plan[ctx.index()].iter().map(|item| (item.clone(), f(item))).collect::<Vec<_>>()
-        });
+        let per_thread =
+            workers.broadcast(|ctx| plan[ctx.index()].iter().map(|item| (item.clone(), f(item))).collect::<Vec<_>>());
         per_thread.into_iter().flatten().collect()
     }
 }

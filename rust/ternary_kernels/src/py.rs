@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use numpy::ndarray::Array2;
 use numpy::{
-    dtype, Element, IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods,
-    PyUntypedArray, PyUntypedArrayMethods,
+    dtype, Element, IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -26,11 +26,19 @@ struct Owned<T> {
     shape: Vec<usize>,
 }
 
-fn read_array<T: Element + Copy>(arg: &'static str, obj: &Bound<'_, PyAny>, ndims: &[usize], dtype_name: &str) -> Result<Owned<T>> {
+fn read_array<T: Element + Copy>(
+    arg: &'static str,
+    obj: &Bound<'_, PyAny>,
+    ndims: &[usize],
+    dtype_name: &str,
+) -> Result<Owned<T>> {
     let py = obj.py();
     let Ok(arr) = obj.cast::<PyUntypedArray>() else {
         let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-        return Err(Error::WrongType { arg, msg: format!("expected a numpy.ndarray of {dtype_name}, got {type_name}") });
+        return Err(Error::WrongType {
+            arg,
+            msg: format!("expected a numpy.ndarray of {dtype_name}, got {type_name}"),
+        });
     };
     let shape = arr.shape().to_vec();
     if !ndims.contains(&arr.ndim()) {
@@ -60,7 +68,12 @@ fn read_x(obj: &Bound<'_, PyAny>, ndim: usize, cols: usize) -> Result<(Vec<f32>,
     Ok((x.data, tokens))
 }
 
-fn to_2d<'py, T: Element>(py: Python<'py>, data: Vec<T>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyArray2<T>>> {
+fn to_2d<'py, T: Element>(
+    py: Python<'py>,
+    data: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
     let arr = Array2::from_shape_vec((rows, cols), data)
         .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("internal shape error: {e}")))?;
     Ok(arr.into_pyarray(py))
@@ -92,7 +105,10 @@ impl PyTernaryMatrix {
         if scales.shape != want {
             return Err(invalid(
                 "scales",
-                format!("expected shape {want:?} ([M, ceil(K / group_size)] for codes {:?}), got {:?}", codes.shape, scales.shape),
+                format!(
+                    "expected shape {want:?} ([M, ceil(K / group_size)] for codes {:?}), got {:?}",
+                    codes.shape, scales.shape
+                ),
             )
             .into());
         }
@@ -154,7 +170,13 @@ impl PyTernaryMatrix {
 
     fn __repr__(&self) -> String {
         let s = self.inner.shape;
-        format!("TernaryMatrix(rows={}, cols={}, group_size={}, nbytes={})", s.rows, s.cols, s.group_size, self.inner.nbytes())
+        format!(
+            "TernaryMatrix(rows={}, cols={}, group_size={}, nbytes={})",
+            s.rows,
+            s.cols,
+            s.group_size,
+            self.inner.nbytes()
+        )
     }
 }
 
@@ -183,7 +205,11 @@ impl PyInt8Matrix {
         let q = read_array::<i8>("q", q, &[2], "int8")?;
         let scales = read_array::<f32>("scales", scales, &[1], "float32")?;
         if scales.shape[0] != q.shape[0] {
-            return Err(invalid("scales", format!("expected shape [{}] (one per row of q {:?}), got {:?}", q.shape[0], q.shape, scales.shape)).into());
+            return Err(invalid(
+                "scales",
+                format!("expected shape [{}] (one per row of q {:?}), got {:?}", q.shape[0], q.shape, scales.shape),
+            )
+            .into());
         }
         let shape = Int8Shape { rows: q.shape[0], cols: q.shape[1] };
         Self::build(py, q.data, scales.data, shape)
@@ -248,12 +274,16 @@ impl PyInt8Matrix {
 
 /// Per-token int8 absmax quantization: float32 [T, K] (or [K]) -> (int8 same shape, float32 [T] (or [1]) = s).
 #[pyfunction]
-fn quantize_activations<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>)> {
+fn quantize_activations<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>)> {
     let x = read_array::<f32>("x", x, &[1, 2], "float32")?;
     let (tokens, cols) = if x.shape.len() == 1 { (1, x.shape[0]) } else { (x.shape[0], x.shape[1]) };
     let data = x.data;
     let (q, s) = py.detach(move || crate::act::quantize_activations(&data, tokens, cols));
-    let q_arr = if x.shape.len() == 1 { PyArray1::from_vec(py, q).into_any() } else { to_2d(py, q, tokens, cols)?.into_any() };
+    let q_arr =
+        if x.shape.len() == 1 { PyArray1::from_vec(py, q).into_any() } else { to_2d(py, q, tokens, cols)?.into_any() };
     Ok((q_arr, PyArray1::from_vec(py, s)))
 }
 

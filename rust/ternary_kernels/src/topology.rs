@@ -85,7 +85,7 @@ impl Topology {
         let root = std::env::var_os("NANOCHAT_SYSFS_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/sys"));
         Topology::read(&root).unwrap_or_else(|_| {
             let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            Topology { nodes: vec![Node { id: 0, cpus: (0..n).collect()}] }
+            Topology { nodes: vec![Node { id: 0, cpus: (0..n).collect() }] }
         })
     }
 

@@ -31,7 +31,14 @@ struct Ternary<'a> {
     tile_bytes: usize,
 }
 
-pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
+pub(crate) fn ternary(
+    shape: &TernaryShape,
+    codes: &[u8],
+    scales: &[f32],
+    acts: &TernaryActs,
+    out: &mut [f32],
+    ldo: usize,
+) {
     let tile_bytes = shape.tile_code_bytes();
     let n_tiles = codes.len() / tile_bytes;
     let k = Ternary {
@@ -45,7 +52,7 @@ pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &Ternar
         vectors_per_group: shape.vectors_per_group(),
         tile_bytes,
     };
-    assert!(k.kp == tile_bytes && k.kp % VECTOR_BYTES == 0 && acts.q.len() >= acts.tokens * k.kp);
+    assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
     assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
     assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
     for tile in 0..n_tiles {
@@ -123,10 +130,15 @@ unsafe fn tile_avx2<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &
 // ---------------------------------------------------------------------------------------------
 // Int8 x int8 (output head)
 
-pub fn int8(q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
+pub(crate) fn int8(q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
     let kp = acts.kp;
     let rows = q.len() / kp;
-    assert!(kp % 64 == 0 && rows % ROWS_PER_TILE == 0 && scales.len() >= rows && acts.q.len() >= acts.tokens * kp);
+    assert!(
+        kp.is_multiple_of(64)
+            && rows.is_multiple_of(ROWS_PER_TILE)
+            && scales.len() >= rows
+            && acts.q.len() >= acts.tokens * kp
+    );
     assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + rows);
     for tile in 0..rows / ROWS_PER_TILE {
         let mut t0 = 0;
@@ -146,7 +158,15 @@ pub fn int8(q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usi
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn int8_avx2<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn int8_avx2<const NT: usize>(
+    q: &[i8],
+    scales: &[f32],
+    acts: &Int8Acts,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     let kp = acts.kp;
     let ones16 = _mm256_set1_epi16(1);
     let w_base = q.as_ptr().add(tile * ROWS_PER_TILE * kp);
@@ -174,7 +194,8 @@ unsafe fn int8_avx2<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, 
             let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
             let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
             let dot = _mm_cvtsi128_si32(s1);
-            *out.get_unchecked_mut((t0 + t) * ldo + row) = finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
+            *out.get_unchecked_mut((t0 + t) * ldo + row) =
+                finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
         }
     }
 }

@@ -46,7 +46,15 @@ macro_rules! block {
     };
 }
 
-pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
+pub(crate) fn ternary(
+    vnni: bool,
+    shape: &TernaryShape,
+    codes: &[u8],
+    scales: &[f32],
+    acts: &TernaryActs,
+    out: &mut [f32],
+    ldo: usize,
+) {
     let tile_bytes = shape.tile_code_bytes();
     let n_tiles = codes.len() / tile_bytes;
     let k = Ternary {
@@ -61,7 +69,7 @@ pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], a
         tile_bytes,
     };
     // The bounds every pointer below stays within (kp == tile_bytes: 4 rows x 2 bits = 1 byte per k).
-    assert!(k.kp == tile_bytes && k.kp % VECTOR_BYTES == 0 && acts.q.len() >= acts.tokens * k.kp);
+    assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
     assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
     assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
     let mut tile0 = 0;
@@ -136,12 +144,24 @@ pub fn ternary(vnni: bool, shape: &TernaryShape, codes: &[u8], scales: &[f32], a
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn block_vnni<const RT: usize, const NT: usize, const PAR: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn block_vnni<const RT: usize, const NT: usize, const PAR: usize>(
+    k: &Ternary,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     block_body::<RT, NT, PAR, true>(k, tile, t0, out, ldo)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn block_bw<const RT: usize, const NT: usize, const PAR: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn block_bw<const RT: usize, const NT: usize, const PAR: usize>(
+    k: &Ternary,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     block_body::<RT, NT, PAR, false>(k, tile, t0, out, ldo)
 }
 
@@ -190,23 +210,32 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
                         let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
                         let x = _mm512_broadcast_i32x4(_mm_loadu_si128(xp));
                         let a = &mut acc[r][t][f % PAR];
-                        *a = if VNNI { _mm512_dpbusd_epi32(*a, d, x) } else { _mm512_add_epi16(*a, _mm512_maddubs_epi16(d, x)) };
+                        *a = if VNNI {
+                            _mm512_dpbusd_epi32(*a, d, x)
+                        } else {
+                            _mm512_add_epi16(*a, _mm512_maddubs_epi16(d, x))
+                        };
                     }
                 }
             }
         }
         for r in 0..RT {
-            let sc4 = _mm512_castps128_ps512(_mm_loadu_ps(scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE)));
+            let sc4 =
+                _mm512_castps128_ps512(_mm_loadu_ps(scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE)));
             let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
             for t in 0..NT {
                 let mut raw = _mm512_setzero_si512();
                 for p in 0..PAR {
-                    raw = _mm512_add_epi32(raw, if VNNI { acc[r][t][p] } else { _mm512_madd_epi16(acc[r][t][p], ones16) });
+                    raw = _mm512_add_epi32(
+                        raw,
+                        if VNNI { acc[r][t][p] } else { _mm512_madd_epi16(acc[r][t][p], ones16) },
+                    );
                 }
                 let exact = if VNNI {
                     raw
                 } else {
-                    let correction = _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
+                    let correction =
+                        _mm512_maskz_set1_epi32(0x1111, *k.group_sums.get_unchecked((t0 + t) * k.groups + g));
                     _mm512_sub_epi32(raw, correction)
                 };
                 facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sc, facc[r][t]);
@@ -229,10 +258,15 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
 // ---------------------------------------------------------------------------------------------
 // Int8 x int8 (output head)
 
-pub fn int8(vnni: bool, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
+pub(crate) fn int8(vnni: bool, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
     let kp = acts.kp;
     let rows = q.len() / kp;
-    assert!(kp % 64 == 0 && rows % ROWS_PER_TILE == 0 && scales.len() >= rows && acts.q.len() >= acts.tokens * kp);
+    assert!(
+        kp.is_multiple_of(64)
+            && rows.is_multiple_of(ROWS_PER_TILE)
+            && scales.len() >= rows
+            && acts.q.len() >= acts.tokens * kp
+    );
     assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + rows);
     for tile in 0..rows / ROWS_PER_TILE {
         let mut t0 = 0;
@@ -258,12 +292,28 @@ pub fn int8(vnni: bool, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f3
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn int8_vnni<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn int8_vnni<const NT: usize>(
+    q: &[i8],
+    scales: &[f32],
+    acts: &Int8Acts,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     int8_body::<NT, true>(q, scales, acts, tile, t0, out, ldo)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn int8_bw<const NT: usize>(q: &[i8], scales: &[f32], acts: &Int8Acts, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn int8_bw<const NT: usize>(
+    q: &[i8],
+    scales: &[f32],
+    acts: &Int8Acts,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     int8_body::<NT, false>(q, scales, acts, tile, t0, out, ldo)
 }
 
@@ -314,7 +364,8 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
             if VNNI {
                 dot -= 128 * *acts.sums.get_unchecked(t0 + t);
             }
-            *out.get_unchecked_mut((t0 + t) * ldo + row) = finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
+            *out.get_unchecked_mut((t0 + t) * ldo + row) =
+                finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
         }
     }
 }

@@ -26,7 +26,11 @@ pub struct LutMatrix {
 impl LutMatrix {
     /// Codes int8 [M, K] and scales f32 [M, K / 128] (M % 64 == 0, K % 128 == 0).
     pub fn new(codes: &[i8], scales: &[f32], rows: usize, cols: usize) -> Option<LutMatrix> {
-        if rows % ROWS != 0 || cols % GROUP != 0 || codes.len() != rows * cols || scales.len() != rows * cols / GROUP {
+        if !rows.is_multiple_of(ROWS)
+            || !cols.is_multiple_of(GROUP)
+            || codes.len() != rows * cols
+            || scales.len() != rows * cols / GROUP
+        {
             return None;
         }
         let quads = cols / 4;
@@ -63,13 +67,14 @@ pub fn tables(q: &[i8]) -> Vec<u8> {
     t
 }
 
-/// y[M] = (sum_g scale * dot_g) / s, with the group dots from table lookups. The CPU must have
-/// avx512f+avx512bw (the caller checks); float order per row is the scalar kernel's.
+/// y[M] = (sum_g scale * dot_g) / s, with the group dots from table lookups (panics without
+/// avx512f + avx512bw); float order per row is the scalar kernel's.
 pub fn gemv(m: &LutMatrix, q: &[i8], s: f32, out: &mut [f32]) {
     assert!(q.len() == m.cols && out.len() >= m.rows && m.codes.len() == m.rows * m.cols / 4);
+    assert!(super::Isa::Avx512Bw.available(), "the table-lookup kernel needs avx512f and avx512bw");
     let t = tables(q);
-    // SAFETY: the assert above bounds every code, table and output offset used; the caller checked
-    // the CPU features (Isa::Avx512Bw available).
+    // SAFETY: the asserts above bound every code, table and output offset used and check the CPU
+    // has avx512f + avx512bw.
     unsafe { gemv_bw(m, &t, s, out) }
 }
 
@@ -97,8 +102,14 @@ unsafe fn gemv_bw(m: &LutMatrix, t: &[u8], s: f32, out: &mut [f32]) {
                 let a_hi = _mm512_shuffle_epi8(ta_hi, lo_idx);
                 let b_lo = _mm512_shuffle_epi8(tb_lo, hi_idx);
                 let b_hi = _mm512_shuffle_epi8(tb_hi, hi_idx);
-                acc[0] = _mm512_add_epi16(acc[0], _mm512_add_epi16(_mm512_unpacklo_epi8(a_lo, a_hi), _mm512_unpacklo_epi8(b_lo, b_hi)));
-                acc[1] = _mm512_add_epi16(acc[1], _mm512_add_epi16(_mm512_unpackhi_epi8(a_lo, a_hi), _mm512_unpackhi_epi8(b_lo, b_hi)));
+                acc[0] = _mm512_add_epi16(
+                    acc[0],
+                    _mm512_add_epi16(_mm512_unpacklo_epi8(a_lo, a_hi), _mm512_unpacklo_epi8(b_lo, b_hi)),
+                );
+                acc[1] = _mm512_add_epi16(
+                    acc[1],
+                    _mm512_add_epi16(_mm512_unpackhi_epi8(a_lo, a_hi), _mm512_unpackhi_epi8(b_lo, b_hi)),
+                );
             }
             // Widen to i32 in row order: lane L of acc[0] is rows 16L..16L+7, of acc[1] 16L+8..16L+15.
             let mut dots = [0i32; ROWS];

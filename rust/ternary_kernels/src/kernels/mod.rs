@@ -10,13 +10,13 @@ use crate::act::{Int8Acts, TernaryActs};
 use crate::error::{Error, Result};
 use crate::format::TernaryShape;
 
-pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod lut;
+pub mod scalar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
@@ -102,9 +102,19 @@ pub fn active_isa() -> Result<Isa> {
         .clone()
 }
 
-/// Ternary kernel on whole tiles: out[t * ldo + row_in_slice] for every token. `isa` must be available.
-pub fn ternary(isa: Isa, shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &TernaryActs, out: &mut [f32], ldo: usize) {
-    debug_assert!(isa.available());
+/// Ternary kernel on whole tiles: out[t * ldo + row_in_slice] for every token. Panics if `isa` is not
+/// available (callers pick it with `active_isa` or `Isa::available`).
+pub fn ternary(
+    isa: Isa,
+    shape: &TernaryShape,
+    codes: &[u8],
+    scales: &[f32],
+    acts: &TernaryActs,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    // The SIMD bodies are only sound on a CPU that has their features: refuse, never guess.
+    assert!(isa.available(), "kernel path {} is not available on this CPU", isa.name());
     match isa {
         Isa::Scalar => scalar::ternary(shape, codes, scales, acts, out, ldo),
         #[cfg(target_arch = "x86_64")]
@@ -118,9 +128,10 @@ pub fn ternary(isa: Isa, shape: &TernaryShape, codes: &[u8], scales: &[f32], act
     }
 }
 
-/// Int8 kernel on whole rows ([rows][kp]): out[t * ldo + row_in_slice]. `isa` must be available.
+/// Int8 kernel on whole rows ([rows][kp]): out[t * ldo + row_in_slice]. Panics if `isa` is not available.
 pub fn int8(isa: Isa, q: &[i8], scales: &[f32], acts: &Int8Acts, out: &mut [f32], ldo: usize) {
-    debug_assert!(isa.available());
+    // The SIMD bodies are only sound on a CPU that has their features: refuse, never guess.
+    assert!(isa.available(), "kernel path {} is not available on this CPU", isa.name());
     match isa {
         Isa::Scalar => scalar::int8(q, scales, acts, out, ldo),
         #[cfg(target_arch = "x86_64")]

@@ -31,7 +31,8 @@ pub fn ternary(shape: &TernaryShape, codes: &[u8], scales: &[f32], acts: &Ternar
                     for (r, row_bytes) in vector.chunks_exact(16).enumerate() {
                         for f in 0..4 {
                             let x16 = &xs[16 * f..16 * f + 16];
-                            let sum: i32 = row_bytes.iter().zip(x16).map(|(&b, &x)| ((b >> (2 * f)) & 3) as i32 * x as i32).sum();
+                            let sum: i32 =
+                                row_bytes.iter().zip(x16).map(|(&b, &x)| ((b >> (2 * f)) & 3) as i32 * x as i32).sum();
                             dots[r] += sum;
                         }
                     }
