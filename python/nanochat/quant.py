@@ -128,13 +128,29 @@ def act_quant_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # The functions the model calls (straight-through estimator, backend dispatch)
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized tensor as is. Backward: the gradient goes to the full-precision input
+    unchanged. Same as `q + (x - x.detach())` but without its two full-size passes and autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, x_quantized: torch.Tensor) -> torch.Tensor:
+        return x_quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _straight_through(x: torch.Tensor, x_quantized: torch.Tensor) -> torch.Tensor:
+    return _StraightThrough.apply(x, x_quantized) if x.requires_grad else x_quantized
+
+
 def quantize_weight(w: torch.Tensor, group_size: int, method: str = "absmean") -> torch.Tensor:
     """Fake-quantized ternary weight with STE gradient to the shadow weight w."""
     if _use_triton(w):
         from triton_kernels import weight_quant_ste
         return weight_quant_ste(w, group_size, method)
-    # ref + (w - w) is exactly ref in the forward (w + (ref - w) is off by rounding) and identity backward
-    return weight_quant_ref(w.detach(), group_size, method) + (w - w.detach())
+    return _straight_through(w, weight_quant_ref(w.detach(), group_size, method))
 
 
 def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -144,7 +160,7 @@ def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     if _use_triton(x):
         from triton_kernels import act_quant_ste
         return act_quant_ste(x)
-    return act_quant_ref(x.detach()) + (x - x.detach())
+    return _straight_through(x, act_quant_ref(x.detach()))
 
 
 def weight_scales_codes(w: torch.Tensor, group_size: int, method: str = "absmean") -> tuple[torch.Tensor, torch.Tensor]:
