@@ -105,8 +105,10 @@ impl Pool {
     /// Build one part per node in use, each inside a thread of its node (so its pages live there).
     pub fn place<P: Send>(&self, tiles: usize, build: impl Fn(std::ops::Range<usize>) -> P + Sync) -> Vec<P> {
         let ranges = self.part_ranges(tiles);
-        let Some(workers) = (self.nodes_in_use.len() > 1).then_some(()).and(self.workers.as_ref()) else {
-            return ranges.into_iter().map(&build).collect();
+        let workers = match &self.workers {
+            Some(workers) if self.nodes_in_use.len() > 1 => workers,
+            // One node: wherever the caller runs, the pages land on the only node.
+            _ => return ranges.into_iter().map(&build).collect(),
         };
         let slots: Vec<Mutex<Option<P>>> = ranges.iter().map(|_| Mutex::new(None)).collect();
         workers.broadcast(|ctx| {
