@@ -86,10 +86,15 @@ class BitLinear(nn.Linear):
         self.activation_bits = config.activation_bits
         self.quantize = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The int8 fake-quantized input (x itself when quantization is off)."""
+        return quant.quantize_activation(x, self.activation_bits) if self.quantize else x
+
+    def forward(self, x: torch.Tensor, input_quantized: bool = False) -> torch.Tensor:
+        """input_quantized: x already is `quantize_input(x)` (shared by several linears reading one input)."""
         if not self.quantize:
             return F.linear(x, self.weight)
-        x_q = quant.quantize_activation(x, self.activation_bits)
+        x_q = x if input_quantized else self.quantize_input(x)
         w_q = quant.quantize_weight(self.weight, self.group_size, self.weight_quant)
         return F.linear(x_q, w_q)
 
@@ -110,9 +115,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        x = self.q.quantize_input(x)  # q, k and v read the same input: quantize it once
+        q = self.q(x, input_quantized=True).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x, input_quantized=True).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x, input_quantized=True).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads
         repeat = self.n_heads // self.n_kv_heads
@@ -133,7 +139,8 @@ class FeedForward(nn.Module):
         self.down = BitLinear(config.ffn_hidden, config.dim, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate(x)) * self.up(x)
+        x = self.gate.quantize_input(x)  # gate and up read the same input: quantize it once
+        h = F.silu(self.gate(x, input_quantized=True)) * self.up(x, input_quantized=True)
         if self.sub_norm is not None:
             h = self.sub_norm(h)
         return self.down(h)
