@@ -48,8 +48,8 @@ def freeze_ternary_weights(model) -> None:
             with torch.no_grad():
                 w_q = quant.quantize_weight(module.weight, module.group_size, module.weight_quant).detach()
 
-            def forward(x, w_q=w_q, bits=module.activation_bits):
-                return F.linear(quant.quantize_activation(x, bits), w_q)
+            def forward(x, input_quantized=False, w_q=w_q, bits=module.activation_bits):
+                return F.linear(x if input_quantized else quant.quantize_activation(x, bits), w_q)
             module.forward = forward
 
 
