@@ -143,7 +143,7 @@ def export_gguf(model: torch.nn.Module, cfg: ModelConfig, tokenizer, output: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a nanochat-ternary checkpoint to GGUF (+ .mhc sidecar)")
+    parser = argparse.ArgumentParser(prog="python -m nanochat.export", description="Export a nanochat-ternary checkpoint to GGUF (+ .mhc sidecar)")
     parser.add_argument("--checkpoint", required=True, help="run folder (uses best/, else latest/) or checkpoint folder")
     parser.add_argument("--output", required=True, help="output .gguf path; the .mhc sidecar goes next to it")
     parser.add_argument("--embed", default="q8_0", choices=["q8_0", "f16"], help="token embedding storage type")

@@ -56,7 +56,7 @@ def chat(engine: Engine, params: SamplingParams, max_tokens: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Stream a completion (or chat) from a nanochat-ternary GGUF model")
+    parser = argparse.ArgumentParser(prog="python -m nanochat.generate", description="Stream a completion (or chat) from a nanochat-ternary GGUF model")
     # model
     parser.add_argument("--model", required=True, help="path to the .gguf file")
     parser.add_argument("--mhc", default=None, help="optional .mhc file overriding the mHC matrices")
