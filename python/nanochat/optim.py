@@ -3,7 +3,8 @@
 - Muon (Keller Jordan's MomentUm Orthogonalized by Newton-schulz): for each 2-D block weight (the
   BitLinear shadow weights q, k, v, o, gate, up, down) keep a momentum buffer of the gradient, replace
   the (Nesterov) momentum by its nearest semi-orthogonal matrix (5 steps of the quintic Newton-Schulz
-  iteration, bf16 on CUDA / fp32 elsewhere) and step along it, scaled by sqrt(max(1, rows / cols)) so
+  iteration, in bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX: 2.5x fp32 there),
+  fp32 elsewhere) and step along it, scaled by sqrt(max(1, rows / cols)) so
   tall matrices get the same per-element update size. Decoupled weight decay as in AdamW.
 - AdamW for the token embedding and output head (with weight decay) and for the norm weights and mHC
   logits (without).
@@ -37,12 +38,23 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Kel
 NS_STEPS = 5
 
 
+def _cpu_has_bf16_matmul() -> bool:
+    try:  # a private oneDNN query: absent in some builds, then we assume no
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# CPUs whose oneDNN has native bf16 matmul run Newton-Schulz in bf16 like CUDA; elsewhere bf16 is emulated (slow)
+CPU_BF16_MATMUL = _cpu_has_bf16_matmul()
+
+
 def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
     """Approximately orthogonalize a 2-D matrix (U V^T of its SVD, singular values pushed near 1)."""
     if g.dim() != 2:
         raise ValueError(f"newton_schulz: expected a 2-D matrix, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFS
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.bfloat16() if g.is_cuda or CPU_BF16_MATMUL else g.float()
     transposed = x.size(0) > x.size(1)
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         x = x.T
@@ -52,7 +64,8 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> 
         # x <- a x + (b gram + c gram^2) x, the scalings folded into the two matmuls (one pass each)
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
-    return x.T if transposed else x
+    x = x.T if transposed else x
+    return x if g.is_cuda else x.float()  # CPU callers get fp32 whatever the iteration ran in
 
 
 class Muon(torch.optim.Optimizer):
