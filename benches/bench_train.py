@@ -7,11 +7,16 @@ warm-up steps. A request for CUDA without a GPU is an error, never a silent CPU 
     .venv/bin/python benches/bench_train.py                                   # tiny, CPU, fp32
     .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision bf16 --batch-size 16 --seq-len 1024
     .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision fp16 --compile
+    .venv/bin/python benches/bench_train.py --breakdown --no-plain          # + where a CPU step goes
+
+CPU ms are process CPU time (all threads): on a shared machine they show the work a step costs
+even when other jobs stretch its wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py does: spinnin
 
 import torch  # noqa: E402
 
+from nanochat import quant  # noqa: E402
 from nanochat.config import PRESETS, preset  # noqa: E402
 from nanochat.model import GPT  # noqa: E402
 from nanochat.optim import build_optimizers  # noqa: E402
@@ -27,8 +33,8 @@ from nanochat.train import accumulate_gradients, autocast_context, device_peak_f
 
 
 def bench(model, optimizers, scaler, device: str, precision: str, batch_size: int, seq_len: int,
-          warmup: int, steps: int) -> float:
-    """Seconds per optimizer step (mean over `steps` after `warmup`)."""
+          warmup: int, steps: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per optimizer step (means over `steps` after `warmup`)."""
     vocab = model.config.vocab_size
     autocast = autocast_context(device, precision)
     batches = [(torch.randint(0, vocab, (batch_size, seq_len), device=device),
@@ -37,12 +43,79 @@ def bench(model, optimizers, scaler, device: str, precision: str, batch_size: in
         if i == warmup:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         accumulate_gradients(model, [batches[i % len(batches)]], autocast, scaler)
         optimizer_step(model, optimizers, scaler, grad_clip=1.0)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+class PartTimer:
+    """Accumulates wall and CPU seconds per named part of a step."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def add(self, name: str, wall: float, cpu: float) -> None:
+        self.wall[name] = self.wall.get(name, 0.0) + wall
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        self.add(name, time.perf_counter() - t0, time.process_time() - c0)
+
+    def timed(self, name: str, fn):
+        """fn wrapped so that each call adds its time to `name`."""
+        def wrapper(*args, **kwargs):
+            with self.part(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+
+def breakdown(model, optimizers, device: str, batch_size: int, seq_len: int, warmup: int, steps: int) -> None:
+    """Print where a CPU fp32 step goes: forward (and within it the two quantizers), backward,
+    gradient clipping, each optimizer. Synchronous CPU timing; not meaningful on CUDA."""
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    y = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    timer = PartTimer()
+    originals = quant.quantize_weight, quant.quantize_activation
+    # the model looks these up in quant at every call, so wrapping them times them inside the forward
+    quant.quantize_weight = timer.timed("  weight quant (in fwd)", quant.quantize_weight)
+    quant.quantize_activation = timer.timed("  act quant (in fwd)", quant.quantize_activation)
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                timer.wall.clear()
+                timer.cpu.clear()
+            with timer.part("forward"):
+                _, loss = model(x, y)
+                loss.item()
+            with timer.part("backward"):
+                loss.backward()
+            with timer.part("grad clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+            for opt in optimizers:
+                with timer.part(f"{type(opt).__name__} step"):
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        quant.quantize_weight, quant.quantize_activation = originals
+    total_wall = sum(v for k, v in timer.wall.items() if not k.startswith(" "))
+    total_cpu = sum(v for k, v in timer.cpu.items() if not k.startswith(" "))
+    print(f"  breakdown over {steps} steps (ms per step; share of the step's CPU time):")
+    order = ["forward", "  weight quant (in fwd)", "  act quant (in fwd)", "backward", "grad clip"]
+    order += [k for k in timer.cpu if k not in order]
+    for name in order:
+        if name in timer.cpu:
+            print(f"    {name:24s} wall {timer.wall[name] / steps * 1000:8.1f}  cpu {timer.cpu[name] / steps * 1000:8.1f}"
+                  f"  {100 * timer.cpu[name] / total_cpu:5.1f}%")
+    print(f"    {'total':24s} wall {total_wall / steps * 1000:8.1f}  cpu {total_cpu / steps * 1000:8.1f}"
+          f"  -> {batch_size * seq_len * steps / total_wall:,.0f} tok/s wall")
 
 
 def main() -> int:
@@ -57,6 +130,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-linear (quantization off) baseline")
+    p.add_argument("--breakdown", action="store_true", help="also time forward/quantizers/backward/optimizers of QAT (CPU)")
     args = p.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -81,12 +155,15 @@ def main() -> int:
     modes = [("QAT (ternary w, int8 act)", True)] + ([] if args.no_plain else [("plain linears", False)])
     for name, quantize in modes:
         model.set_quantization(quantize)
-        sec = bench(train_model, optimizers, scaler, args.device, args.precision, args.batch_size, args.seq_len,
-                    args.warmup, args.steps)
+        sec, cpu_sec = bench(train_model, optimizers, scaler, args.device, args.precision, args.batch_size,
+                             args.seq_len, args.warmup, args.steps)
         tok_s = args.batch_size * args.seq_len / sec
         mfu = f"{100 * tok_s * flops_per_token / peak:.1f}%" if peak else "n/a"
         mem = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else ""
-        print(f"  {name:28s} {sec * 1000:9.1f} ms/step  {tok_s:12,.0f} tok/s  MFU {mfu}{mem}")
+        cpu = f"  {cpu_sec * 1000:9.1f} CPU ms/step" if not args.device.startswith("cuda") else ""
+        print(f"  {name:28s} {sec * 1000:9.1f} ms/step  {tok_s:12,.0f} tok/s  MFU {mfu}{cpu}{mem}")
+        if quantize and args.breakdown and not args.device.startswith("cuda") and args.precision == "fp32":
+            breakdown(model, optimizers, args.device, args.batch_size, args.seq_len, 1, args.steps)
     return 0
 
 
