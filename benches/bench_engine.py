@@ -78,11 +78,40 @@ class Timed:
         Timed.by_part[self.part] = Timed.by_part.get(self.part, 0.0) + time.perf_counter() - t0
         return y
 
+    def gemv_dynamic(self, x):
+        t0 = time.perf_counter()
+        y = self.mat.gemv_dynamic(x)
+        Timed.by_part[self.part] = Timed.by_part.get(self.part, 0.0) + time.perf_counter() - t0
+        return y
+
+    def gemm_dynamic(self, x):
+        t0 = time.perf_counter()
+        y = self.mat.gemm_dynamic(x)
+        Timed.by_part[self.part] = Timed.by_part.get(self.part, 0.0) + time.perf_counter() - t0
+        return y
+
     def gemm(self, x):
         t0 = time.perf_counter()
         y = self.mat.gemm(x)
         Timed.by_part[self.part] = Timed.by_part.get(self.part, 0.0) + time.perf_counter() - t0
         return y
+
+
+class PinnedSchedule:
+    """A matrix whose *_dynamic calls take the pool's fixed per-thread split (the engine before ops.rs), for A/B runs."""
+
+    def __init__(self, mat):
+        self.mat = mat
+        self.gemv = self.gemv_dynamic = mat.gemv
+        self.gemm = self.gemm_dynamic = mat.gemm
+
+
+def use_pinned_schedule(engine: Engine) -> None:
+    w = engine.model.w
+    for layer in w.layers:
+        layer.qkv, layer.o = PinnedSchedule(layer.qkv), PinnedSchedule(layer.o)
+        layer.gate_up, layer.down = PinnedSchedule(layer.gate_up), PinnedSchedule(layer.down)
+    w.head = PinnedSchedule(w.head)
 
 
 def set_timed(engine: Engine, on: bool) -> None:
@@ -199,9 +228,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="concurrent sequences for the aggregate figure")
     parser.add_argument("--torch-threads", type=int, default=-1, help="PyTorch threads (-1 = all cores)")
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch fp32 baseline")
+    parser.add_argument("--schedule", default="dynamic", choices=["dynamic", "pinned"],
+                        help="kernel scheduling: work-stealing chunks (engine default) or the pool's fixed split")
     args = parser.parse_args()
 
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cores, kernels: {kernels.BACKEND}")
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cores, kernels: {kernels.BACKEND}, schedule: {args.schedule}")
     with tempfile.TemporaryDirectory() as tmp:
         torch_model = None
         path = Path(args.model) if args.model else None
@@ -212,6 +243,8 @@ def main() -> None:
         t0 = time.perf_counter()
         engine = Engine.load(path, threads=None if args.threads == -1 else args.threads)
         print(f"load: {time.perf_counter() - t0:.1f} s")
+    if args.schedule == "pinned":
+        use_pinned_schedule(engine)
 
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size

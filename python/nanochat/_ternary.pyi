@@ -28,6 +28,10 @@ class TernaryMatrix:
     @property
     def nbytes(self) -> int:
         """Bytes of packed codes and scales, padding included."""
+    def gemv_dynamic(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """As gemv (same result bit for bit), rows in small chunks that idle threads steal."""
+    def gemm_dynamic(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """As gemm (same result bit for bit), scheduled like gemv_dynamic."""
     def gemv(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """float32 [K] -> float32 [M]; x is quantized to int8 per token inside (nanochat.quant rule)."""
     def gemm(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -49,6 +53,10 @@ class Int8Matrix:
     def cols(self) -> int: ...
     @property
     def nbytes(self) -> int: ...
+    def gemv_dynamic(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """As gemv (same result bit for bit), rows in small chunks that idle threads steal."""
+    def gemm_dynamic(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """As gemm (same result bit for bit), scheduled like gemv_dynamic."""
     def gemv(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """float32 [K] -> float32 [M]."""
     def gemm(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -52,6 +52,9 @@ class NumpyTernaryMatrix:
     def gemv(self, x: np.ndarray) -> np.ndarray:
         return self.gemm(x[None])[0]
 
+    gemv_dynamic = gemv  # the Rust classes schedule these two differently; same results
+    gemm_dynamic = gemm
+
     def unpack(self) -> tuple[np.ndarray, np.ndarray]:
         return self._codes.copy(), self._scales.copy()
 
@@ -76,6 +79,9 @@ class NumpyInt8Matrix:
 
     def gemv(self, x: np.ndarray) -> np.ndarray:
         return self.gemm(x[None])[0]
+
+    gemv_dynamic = gemv  # the Rust classes schedule these two differently; same results
+    gemm_dynamic = gemm
 
 
 def limit_numpy_blas_threads(n: int) -> bool:

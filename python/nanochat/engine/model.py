@@ -136,11 +136,11 @@ class Transformer:
     @staticmethod
     def _linear(mat, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
-        if n == 1:
-            return mat.gemv(x[0])[None]
+        if n == 1:  # decode: rows in small chunks that idle threads steal (steady on shared cores)
+            return mat.gemv_dynamic(x[0])[None]
         if n <= GEMM_ROWS:
-            return mat.gemm(x)
-        return np.concatenate([mat.gemm(x[i:i + GEMM_ROWS]) for i in range(0, n, GEMM_ROWS)])
+            return mat.gemm_dynamic(x)
+        return np.concatenate([mat.gemm_dynamic(x[i:i + GEMM_ROWS]) for i in range(0, n, GEMM_ROWS)])
 
     def forward(self, seqs: list[tuple[list[int], KVCache]], all_logits: bool = False) -> np.ndarray:
         """Run the new tokens of each (tokens, cache) pair; returns logits of each sequence's last token

@@ -14,6 +14,7 @@ pub mod error;
 pub mod format;
 pub mod kernels;
 pub mod matmul;
+pub mod ops;
 pub mod pack;
 pub mod pool;
 pub mod topology;

@@ -17,6 +17,7 @@ use crate::error::{invalid, Error, Result};
 use crate::format::TernaryShape;
 use crate::kernels;
 use crate::matmul;
+use crate::ops;
 use crate::pack::{Int8Shape, PackedInt8, PackedTernary};
 use crate::pool;
 
@@ -150,6 +151,27 @@ impl PyTernaryMatrix {
         Ok(PyArray1::from_vec(py, y))
     }
 
+    /// As `gemv`, with the rows cut into small chunks that idle threads steal (ops.rs): steadier on a
+    /// machine whose cores are shared with other processes. Same result bit for bit.
+    fn gemv_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let (x, _) = read_x(x, 1, self.inner.shape.cols)?;
+        let m = self.inner.clone();
+        let y = py.detach(move || -> Result<Vec<f32>> {
+            ops::ternary_matmul(&m, &x, 1, kernels::active_isa()?, pool::global()?.threads())
+        })?;
+        Ok(PyArray1::from_vec(py, y))
+    }
+
+    /// As `gemm`, scheduled like `gemv_dynamic`. Same result bit for bit.
+    fn gemm_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
+        let m = self.inner.clone();
+        let y = py.detach(move || -> Result<Vec<f32>> {
+            ops::ternary_matmul(&m, &x, tokens, kernels::active_isa()?, pool::global()?.threads())
+        })?;
+        to_2d(py, y, tokens, self.inner.shape.rows)
+    }
+
     /// Y = X W^T for a batch of tokens: float32 [T, K] -> float32 [T, M].
     fn gemm<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
@@ -247,6 +269,26 @@ impl PyInt8Matrix {
             matmul::int8_matmul(&m, &x, tokens, kernels::active_isa()?, &*pool::global()?)
         })?;
         Ok(PyArray1::from_vec(py, y))
+    }
+
+    /// As `gemv`, with the rows cut into small chunks that idle threads steal (ops.rs). Same result.
+    fn gemv_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let (x, _) = read_x(x, 1, self.inner.shape.cols)?;
+        let m = self.inner.clone();
+        let y = py.detach(move || -> Result<Vec<f32>> {
+            ops::int8_matmul(&m, &x, 1, kernels::active_isa()?, pool::global()?.threads())
+        })?;
+        Ok(PyArray1::from_vec(py, y))
+    }
+
+    /// As `gemm`, scheduled like `gemv_dynamic`. Same result bit for bit.
+    fn gemm_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
+        let m = self.inner.clone();
+        let y = py.detach(move || -> Result<Vec<f32>> {
+            ops::int8_matmul(&m, &x, tokens, kernels::active_isa()?, pool::global()?.threads())
+        })?;
+        to_2d(py, y, tokens, self.inner.shape.rows)
     }
 
     /// Y = X W^T: float32 [T, K] -> float32 [T, M].

@@ -1,0 +1,167 @@
+//! GEMV/GEMM scheduled for a shared machine: small chunks of row tiles handed out on demand.
+//!
+//! `matmul.rs` gives each pinned thread one fixed share of the tiles, so a call lasts as long as its
+//! slowest thread: when another process holds that thread's core, the whole GEMV waits for it. Here
+//! the tiles are cut into a few chunks per thread and run on rayon's (unpinned) global pool with work
+//! stealing, so a thread that is not preempted takes the chunks of one that is, and the OS may move
+//! threads to whichever core is free. Each row's arithmetic is the same kernel call as in `matmul.rs`,
+//! so results are bit-identical. A single token's chunks write straight into the output.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::act::{Int8Acts, TernaryActs};
+use crate::error::{invalid, Result};
+use crate::format::ROWS_PER_TILE;
+use crate::kernels::{self, Isa};
+use crate::pack::{PackedInt8, PackedTernary};
+
+/// Below this many multiply-adds a GEMV runs on the calling thread (a wake-up costs more than it saves).
+pub const DYNAMIC_MIN_WORK: usize = 1 << 22;
+/// Chunks per thread: enough for stealing to even out a preempted thread, few enough to stay cheap.
+const CHUNKS_PER_THREAD: usize = 8;
+
+fn check_x(x: &[f32], tokens: usize, cols: usize) -> Result<()> {
+    if x.len() != tokens * cols {
+        return Err(invalid(
+            "x",
+            format!("expected {tokens} x {cols} = {} values (K = {cols}), got {}", tokens * cols, x.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Run `kernel(part, tiles, out, ldo)` over every part's tiles in chunks; returns y [tokens][rows].
+/// One token: chunks write straight into y. Several: each chunk fills its own [tokens][chunk rows]
+/// block, copied into y afterwards (the kernels write one contiguous range of rows per token).
+fn chunked<K>(parts: &[(usize, usize)], rows: usize, tokens: usize, threads: usize, work: usize, kernel: K) -> Vec<f32>
+where
+    K: Fn(usize, Range<usize>, &mut [f32], usize) + Sync,
+{
+    let parallel = threads > 1 && work >= DYNAMIC_MIN_WORK;
+    let total_tiles: usize = parts.iter().map(|p| p.1).sum();
+    let chunk = if parallel { total_tiles.div_ceil(threads * CHUNKS_PER_THREAD).max(1) } else { total_tiles.max(1) };
+    if tokens == 1 {
+        let mut y = vec![0f32; total_tiles * ROWS_PER_TILE];
+        for (pi, &(first_tile, tiles)) in parts.iter().enumerate() {
+            let out = &mut y[first_tile * ROWS_PER_TILE..(first_tile + tiles) * ROWS_PER_TILE];
+            let run = |(i, out): (usize, &mut [f32])| {
+                let ldo = out.len();
+                kernel(pi, i * chunk..i * chunk + ldo / ROWS_PER_TILE, out, ldo);
+            };
+            if parallel {
+                out.par_chunks_mut(chunk * ROWS_PER_TILE).enumerate().for_each(run);
+            } else {
+                out.chunks_mut(chunk * ROWS_PER_TILE).enumerate().for_each(run);
+            }
+        }
+        y.truncate(rows);
+        return y;
+    }
+    let items: Vec<(usize, Range<usize>)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, &(_, tiles))| (0..tiles).step_by(chunk).map(move |t0| (pi, t0..(t0 + chunk).min(tiles))))
+        .collect();
+    let run = |(pi, tiles): &(usize, Range<usize>)| {
+        let ldo = tiles.len() * ROWS_PER_TILE;
+        let mut out = vec![0f32; tokens * ldo];
+        kernel(*pi, tiles.clone(), &mut out, ldo);
+        out
+    };
+    let blocks: Vec<Vec<f32>> =
+        if parallel { items.par_iter().map(run).collect() } else { items.iter().map(run).collect() };
+    let mut y = vec![0f32; tokens * rows];
+    for ((pi, tiles), block) in items.iter().zip(blocks) {
+        let row0 = (parts[*pi].0 + tiles.start) * ROWS_PER_TILE;
+        let ldo = tiles.len() * ROWS_PER_TILE;
+        let n = ldo.min(rows.saturating_sub(row0));
+        for t in 0..tokens {
+            y[t * rows + row0..t * rows + row0 + n].copy_from_slice(&block[t * ldo..t * ldo + n]);
+        }
+    }
+    y
+}
+
+/// y [tokens, M] = ternary matmul of x [tokens, K], on up to `threads` threads.
+pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, threads: usize) -> Result<Vec<f32>> {
+    let shape = m.shape;
+    check_x(x, tokens, shape.cols)?;
+    let acts = TernaryActs::new(x, tokens, shape);
+    let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
+    let parts: Vec<(usize, usize)> = m.parts.iter().map(|p| (p.first_tile, p.tiles)).collect();
+    let work = shape.rows * shape.cols * tokens;
+    Ok(chunked(&parts, shape.rows, tokens, threads, work, |pi, tiles, out, ldo| {
+        let part = &m.parts[pi];
+        let codes = &part.codes.bytes()[tiles.start * tb..tiles.end * tb];
+        let scales = &part.scales.f32s()[tiles.start * ts..tiles.end * ts];
+        kernels::ternary(isa, &shape, codes, scales, &acts, out, ldo);
+    }))
+}
+
+/// y [tokens, M] = int8 matmul of x [tokens, K] (e.g. the output head), on up to `threads` threads.
+pub fn int8_matmul(m: &PackedInt8, x: &[f32], tokens: usize, isa: Isa, threads: usize) -> Result<Vec<f32>> {
+    let shape = m.shape;
+    check_x(x, tokens, shape.cols)?;
+    let acts = Int8Acts::new(x, tokens, shape.cols);
+    let kp = shape.padded_cols();
+    let parts: Vec<(usize, usize)> = m.parts.iter().map(|p| (p.first_tile, p.tiles)).collect();
+    let work = shape.rows * shape.cols * tokens;
+    Ok(chunked(&parts, shape.rows, tokens, threads, work, |pi, tiles, out, ldo| {
+        let part = &m.parts[pi];
+        let (r0, r1) = (tiles.start * ROWS_PER_TILE, tiles.end * ROWS_PER_TILE);
+        kernels::int8(isa, &part.q.i8s()[r0 * kp..r1 * kp], &part.scales.f32s()[r0..r1], &acts, out, ldo);
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::TernaryShape;
+    use crate::matmul;
+    use crate::pack::Int8Shape;
+    use crate::pool::Pool;
+    use crate::topology::Topology;
+
+    #[test]
+    fn chunked_matmul_equals_pool_matmul() {
+        let pool = Pool::new(1, &Topology::detect()).unwrap();
+        let isa = crate::kernels::best_isa();
+        for (rows, cols) in [(5, 70), (1283, 768), (2050, 640)] {
+            let shape = TernaryShape { rows, cols, group_size: 128 };
+            let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7919 + i / 3) % 3) as i8 - 1).collect();
+            let scales: Vec<f32> = (0..rows * shape.groups()).map(|i| 0.01 + (i % 17) as f32 * 0.003).collect();
+            let m = PackedTernary::new(&codes, &scales, shape).unwrap();
+            let x: Vec<f32> = (0..7 * cols).map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0).collect();
+            for tokens in [1, 7] {
+                let x = &x[..tokens * cols];
+                let want = matmul::ternary_matmul(&m, x, tokens, isa, &pool).unwrap();
+                for threads in [1, 2, 3] {
+                    let got = ternary_matmul(&m, x, tokens, isa, threads).unwrap();
+                    assert_eq!(got, want, "{rows}x{cols} T{tokens} t{threads}");
+                }
+            }
+            let ishape = Int8Shape { rows, cols };
+            let q: Vec<i8> = (0..rows * cols).map(|i| ((i * 40503) % 255) as i8).collect();
+            let s: Vec<f32> = (0..rows).map(|i| 0.001 * (1 + i % 13) as f32).collect();
+            let h = PackedInt8::new(&q, &s, ishape).unwrap();
+            for tokens in [1, 7] {
+                let x = &x[..tokens * cols];
+                let want = matmul::int8_matmul(&h, x, tokens, isa, &pool).unwrap();
+                for threads in [1, 2, 3] {
+                    let got = int8_matmul(&h, x, tokens, isa, threads).unwrap();
+                    assert_eq!(got, want, "int8 {rows}x{cols} T{tokens} t{threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_x_length_is_an_error() {
+        let shape = TernaryShape { rows: 4, cols: 64, group_size: 64 };
+        let m = PackedTernary::new(&[0; 256], &[1.0; 4], shape).unwrap();
+        let err = ternary_matmul(&m, &[0.0; 63], 1, Isa::Scalar, 1).unwrap_err();
+        assert!(err.to_string().starts_with("x: expected 1 x 64"), "{err}");
+    }
+}
