@@ -84,6 +84,34 @@ class NumpyInt8Matrix:
     gemm_dynamic = gemm
 
 
+def numpy_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (x f32 [N, D])."""
+    ms = np.einsum("nd,nd->n", x, x)
+    ms *= np.float32(1.0 / x.shape[-1])
+    ms += np.float32(eps)
+    return x * (1.0 / np.sqrt(ms))[:, None] * weight
+
+
+def numpy_silu_mul(gu: np.ndarray) -> np.ndarray:
+    """silu(gate) * up of gu [N, 2F] = [gate | up]."""
+    g, u = np.split(gu, 2, axis=1)
+    return g / (1.0 + np.exp(-g)) * u
+
+
+def numpy_attend_decode(qkv, cos, sin, k_cache, v_cache, pos: int, n_heads: int, scale: float) -> np.ndarray:
+    """One decode step of one sequence: RoPE, cache write at pos, softmax attention over 0..pos (see layer_ops.rs)."""
+    n_kv, _, hd = k_cache.shape
+    swap = np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)])
+    qk = qkv[:(n_heads + n_kv) * hd].reshape(n_heads + n_kv, hd)
+    qk = qk * cos + qk[:, swap] * sin
+    k_cache[:, pos] = qk[n_heads:]
+    v_cache[:, pos] = qkv[(n_heads + n_kv) * hd:].reshape(n_kv, hd)
+    scores = np.matmul(qk[:n_heads].reshape(n_kv, -1, hd), k_cache[:, :pos + 1].transpose(0, 2, 1)) * np.float32(scale)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, v_cache[:, :pos + 1]).reshape(n_heads * hd)
+
+
 def limit_numpy_blas_threads(n: int) -> bool:
     """Set the thread count of numpy's bundled OpenBLAS (attention matmuls). Its worker threads spin-wait
     and fight the Rust kernels' pool for the cores: on 2 busy cores one thread was 10x faster than two."""
@@ -100,18 +128,25 @@ def limit_numpy_blas_threads(n: int) -> bool:
     return False
 
 
+NUMPY_BACKEND = (NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, numpy_rms_norm, numpy_silu_mul,
+                 numpy_attend_decode, "numpy")
+
+
 def _load_backend():
     if os.environ.get("NANOCHAT_ENGINE_KERNELS", "auto") == "numpy":
         log.info("engine kernels: numpy reference (NANOCHAT_ENGINE_KERNELS=numpy)")
-        return NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, "numpy"
+        return NUMPY_BACKEND
     try:
+        from nanochat import _ternary as rust
         from nanochat import ternary
     except ImportError as e:
         log.warning("engine kernels: Rust extension nanochat._ternary not importable (%s); using the slow numpy "
                     "reference. Build it with `maturin develop --release`.", e)
-        return NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, "numpy"
+        return NUMPY_BACKEND
     log.info("engine kernels: Rust extension, isa %s", ternary.active_isa())
-    return ternary.TernaryMatrix, ternary.Int8Matrix, ternary.set_num_threads, f"rust-{ternary.active_isa()}"
+    return (ternary.TernaryMatrix, ternary.Int8Matrix, ternary.set_num_threads, rust.rms_norm, rust.silu_mul,
+            rust.attend_decode, f"rust-{ternary.active_isa()}")
 
 
-TernaryMatrix, Int8Matrix, set_num_threads, BACKEND = _load_backend()
+# the fused float ops (rms_norm, silu_mul, attend_decode) come from the same backend as the matrices
+TernaryMatrix, Int8Matrix, set_num_threads, rms_norm, silu_mul, attend_decode, BACKEND = _load_backend()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanochat.config import ModelConfig
+from nanochat.engine import kernels
 
 ATTN_QUERY_CHUNK = 256  # prefill attention in query blocks, so scores stay [KVH, r, 256, S]
 GEMM_ROWS = 64  # long prefills go through the kernels 64 tokens at a time: measured 1.3-2x faster than 512 at once
@@ -76,21 +77,6 @@ class KVCache:
         self.length = 0  # positions filled
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
-    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (x f32 [N, D])."""
-    if x.shape[0] == 1:  # decode: scalar math on one row is half the numpy calls
-        row = x[0]
-        return x * (np.float32(1.0) / np.sqrt(np.dot(row, row) / np.float32(row.shape[0]) + eps)) * weight
-    ms = np.einsum("nd,nd->n", x, x)
-    ms *= np.float32(1.0 / x.shape[-1])
-    ms += eps
-    return x * (1.0 / np.sqrt(ms))[:, None] * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Full-width tables f32 [max_seq_len, hd]: cos = [c, c], sin = [-s, s]; angles in float64 like the model."""
     hd = cfg.head_dim
@@ -125,7 +111,6 @@ class Transformer:
         self.swap = np.concatenate([np.arange(half, cfg.head_dim), np.arange(half)])  # [x1, x2] -> [x2, x1]
         self.q_dim = cfg.n_heads * cfg.head_dim
         self.kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.ffn_hidden = cfg.ffn_hidden
         self.eps = np.float32(cfg.norm_eps)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
 
@@ -154,21 +139,21 @@ class Transformer:
                 raise ValueError(f"forward: {cache.length} + {t} tokens exceed the KV cache capacity {cache.capacity}")
         ids = np.fromiter((tok for tokens, _ in seqs for tok in tokens), dtype=np.int64, count=sum(lengths))
         positions = np.concatenate([np.arange(c.length, c.length + t) for (_, c), t in zip(seqs, lengths)])
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        cos, sin = self.cos[positions], self.sin[positions]  # [N, hd]
         x = self.w.embedding.rows(ids)
         xs = x if n == 1 else np.broadcast_to(x, (n, *x.shape)).copy()
         for li, layer in enumerate(self.w.layers):
             u = self._read(xs, layer.attn_mhc)
-            y = self._attention(li, layer, rms_norm(u, layer.attn_norm, self.eps), seqs, lengths, cos, sin)
+            y = self._attention(li, layer, kernels.rms_norm(u, layer.attn_norm, self.eps), seqs, lengths, cos, sin)
             xs = self._write(xs, y, layer.attn_mhc)
             u = self._read(xs, layer.ffn_mhc)
-            xs = self._write(xs, self._ffn(layer, rms_norm(u, layer.ffn_norm, self.eps)), layer.ffn_mhc)
+            xs = self._write(xs, self._ffn(layer, kernels.rms_norm(u, layer.ffn_norm, self.eps)), layer.ffn_mhc)
         x = xs if n == 1 else xs.mean(axis=0)
         for (_, cache), t in zip(seqs, lengths):
             cache.length += t
         if not all_logits:
             x = x[np.cumsum(lengths) - 1]
-        return self._linear(self.w.head, rms_norm(x, self.w.output_norm, self.eps))
+        return self._linear(self.w.head, kernels.rms_norm(x, self.w.output_norm, self.eps))
 
     # mHC read / write; with one stream they are the plain residual
     # (matmul on the flattened [n, N*D] view: np.tensordot costs ~25 us of Python per call)
@@ -185,11 +170,9 @@ class Transformer:
         return mixed
 
     def _ffn(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
-        gu = self._linear(layer.gate_up, h)
-        f = self.ffn_hidden
-        a = silu(gu[:, :f]) * gu[:, f:]
+        a = kernels.silu_mul(self._linear(layer.gate_up, h))
         if layer.ffn_sub_norm is not None:
-            a = rms_norm(a, layer.ffn_sub_norm, self.eps)
+            a = kernels.rms_norm(a, layer.ffn_sub_norm, self.eps)
         return self._linear(layer.down, a)
 
     def _attention(self, li: int, layer: LayerWeights, h: np.ndarray, seqs, lengths, cos, sin) -> np.ndarray:
@@ -198,7 +181,12 @@ class Transformer:
         r = cfg.n_heads // n_kv
         qkv = self._linear(layer.qkv, h)
         n_tok, qk_dim = h.shape[0], self.q_dim + self.kv_dim
-        qk = apply_rope(qkv[:, :qk_dim].reshape(n_tok, cfg.n_heads + n_kv, hd), cos, sin, self.swap)  # q and k heads
+        if n_tok == len(seqs):  # decode: one new token per sequence, RoPE + cache write + attention fused
+            out = np.stack([kernels.attend_decode(qkv[i], cos[i], sin[i], cache.k[li], cache.v[li], cache.length,
+                                                  cfg.n_heads, self.scale) for i, (_, cache) in enumerate(seqs)])
+            return self._linear(layer.o, out if layer.attn_sub_norm is None else
+                                kernels.rms_norm(out, layer.attn_sub_norm, self.eps))
+        qk = apply_rope(qkv[:, :qk_dim].reshape(n_tok, cfg.n_heads + n_kv, hd), cos[:, None], sin[:, None], self.swap)
         q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
         v = qkv[:, qk_dim:].reshape(n_tok, n_kv, hd)
         out = np.empty((n_tok, self.q_dim), dtype=np.float32)
@@ -206,14 +194,6 @@ class Transformer:
         for (_, cache), t in zip(seqs, lengths):
             p0, end = cache.length, start + t
             kc, vc = cache.k[li], cache.v[li]  # [KVH, capacity, hd]
-            if t == 1:  # decode: one query row per head, no mask, no chunks
-                kc[:, p0] = k[start]
-                vc[:, p0] = v[start]
-                scores = np.matmul(q[start].reshape(n_kv, r, hd), kc[:, :p0 + 1].transpose(0, 2, 1))
-                scores *= self.scale
-                out[start] = np.matmul(softmax_inplace(scores), vc[:, :p0 + 1]).reshape(self.q_dim)
-                start = end
-                continue
             kc[:, p0:p0 + t] = k[start:end].transpose(1, 0, 2)
             vc[:, p0:p0 + t] = v[start:end].transpose(1, 0, 2)
             # [KVH, r*t, hd]: the r query heads of a kv head share one 3-D matmul (BLAS-friendly, no broadcasting)
@@ -230,5 +210,5 @@ class Transformer:
                 out[start + c0:start + c1] = y.reshape(n_kv, r, c1 - c0, hd).transpose(2, 0, 1, 3).reshape(c1 - c0, self.q_dim)
             start = end
         if layer.attn_sub_norm is not None:
-            out = rms_norm(out, layer.attn_sub_norm, self.eps)
+            out = kernels.rms_norm(out, layer.attn_sub_norm, self.eps)
         return self._linear(layer.o, out)

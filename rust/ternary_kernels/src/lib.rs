@@ -13,6 +13,7 @@ pub mod aligned;
 pub mod error;
 pub mod format;
 pub mod kernels;
+pub mod layer_ops;
 pub mod matmul;
 pub mod ops;
 pub mod pack;

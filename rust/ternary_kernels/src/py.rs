@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 use crate::error::{invalid, Error, Result};
 use crate::format::TernaryShape;
 use crate::kernels;
+use crate::layer_ops;
 use crate::matmul;
 use crate::ops;
 use crate::pack::{Int8Shape, PackedInt8, PackedTernary};
@@ -329,6 +330,76 @@ fn quantize_activations<'py>(
     Ok((q_arr, PyArray1::from_vec(py, s)))
 }
 
+fn slice_of<'a>(arg: &'static str, a: &'a numpy::PyReadonlyArrayDyn<'_, f32>) -> Result<&'a [f32]> {
+    a.as_slice().map_err(|_| invalid(arg, format!("array with shape {:?} is not C-contiguous", a.shape())))
+}
+
+/// RMSNorm over the last dim: x * (1 / sqrt(mean(x^2) + eps)) * weight; float32 x [..., D], weight [D].
+#[pyfunction]
+fn rms_norm<'py>(
+    py: Python<'py>,
+    x: numpy::PyReadonlyArrayDyn<'py, f32>,
+    weight: numpy::PyReadonlyArrayDyn<'py, f32>,
+    eps: f32,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let mut out = vec![0f32; x.len()];
+    layer_ops::rms_norm(slice_of("x", &x)?, slice_of("weight", &weight)?, eps, &mut out)?;
+    Ok(numpy::ndarray::ArrayD::from_shape_vec(x.shape(), out)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("internal shape error: {e}")))?
+        .into_pyarray(py))
+}
+
+/// SiLU(gate) * up: float32 gu [N, 2F] (gate then up) -> [N, F].
+#[pyfunction]
+fn silu_mul<'py>(py: Python<'py>, gu: numpy::PyReadonlyArrayDyn<'py, f32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let shape = gu.shape().to_vec();
+    if shape.len() != 2 || shape[1] % 2 != 0 {
+        return Err(invalid("gu", format!("expected a 2-D [N, 2F] array, got shape {shape:?}")).into());
+    }
+    let f = shape[1] / 2;
+    let mut out = vec![0f32; shape[0] * f];
+    layer_ops::silu_mul(slice_of("gu", &gu)?, f, &mut out)?;
+    to_2d(py, out, shape[0], f)
+}
+
+/// One decode step of attention for one sequence: RoPE on q and k of qkv [q | k | v] (float32
+/// [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written into k_cache/v_cache [KVH, capacity,
+/// hd] at pos, softmax attention of each query head over positions 0..=pos -> float32 [H hd].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attend_decode<'py>(
+    py: Python<'py>,
+    qkv: numpy::PyReadonlyArrayDyn<'py, f32>,
+    cos: numpy::PyReadonlyArrayDyn<'py, f32>,
+    sin: numpy::PyReadonlyArrayDyn<'py, f32>,
+    mut k_cache: numpy::PyReadwriteArrayDyn<'py, f32>,
+    mut v_cache: numpy::PyReadwriteArrayDyn<'py, f32>,
+    pos: usize,
+    n_heads: usize,
+    scale: f32,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let cs = k_cache.shape().to_vec();
+    if cs.len() != 3 || v_cache.shape() != cs.as_slice() {
+        return Err(invalid("k_cache", format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape())).into());
+    }
+    let shape = layer_ops::AttnShape { n_heads, n_kv_heads: cs[0], head_dim: cs[2], capacity: cs[1] };
+    let mut out = vec![0f32; n_heads * cs[2]];
+    let kc = k_cache.as_slice_mut().map_err(|_| invalid("k_cache", "not C-contiguous"))?;
+    let vc = v_cache.as_slice_mut().map_err(|_| invalid("v_cache", "not C-contiguous"))?;
+    layer_ops::attend_decode(
+        shape,
+        slice_of("qkv", &qkv)?,
+        slice_of("cos", &cos)?,
+        slice_of("sin", &sin)?,
+        kc,
+        vc,
+        pos,
+        scale,
+        &mut out,
+    )?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
 /// The kernel path in use: "avx512vnni", "avx512bw", "avx2" or "scalar" (NANOCHAT_TERNARY_ISA forces one).
 #[pyfunction]
 fn active_isa() -> PyResult<&'static str> {
@@ -357,6 +428,9 @@ fn _ternary(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyInt8Matrix>()?;
     m.add_function(wrap_pyfunction!(quantize_activations, m)?)?;
     m.add_function(wrap_pyfunction!(active_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(silu_mul, m)?)?;
+    m.add_function(wrap_pyfunction!(attend_decode, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())
