@@ -20,6 +20,10 @@ use crate::kernels::scalar::finish_int8;
 
 /// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
 const BLOCK_TILES: usize = 4;
+/// Software prefetch distance along each weight stream: weights are read once per call from memory
+/// (a model does not fit this machine's L3), and the hardware prefetcher alone left the GEMV at ~25%
+/// of the streaming bandwidth. A prefetch never faults, so addresses past the end are harmless.
+const PREFETCH_BYTES: usize = 8192;
 /// Tokens per register block.
 const TOKEN_BLOCK: usize = 6;
 /// Int8: tokens per register block (4 rows x 4 tokens accumulators).
@@ -197,7 +201,9 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
         for vi in 0..k.vectors_per_group {
             let v = g * k.vectors_per_group + vi;
             for r in 0..RT {
-                let w = _mm512_load_si512(codes.add(r * k.tile_bytes + v * VECTOR_BYTES) as *const __m512i);
+                let at = codes.add(r * k.tile_bytes + v * VECTOR_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_BYTES) as *const i8);
+                let w = _mm512_load_si512(at as *const __m512i);
                 let fields = [
                     _mm512_and_si512(w, mask3),
                     _mm512_and_si512(_mm512_srli_epi16::<2>(w), mask3),
@@ -340,7 +346,9 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
             xs[t] = _mm512_load_si512(x_base.add(t * kp + c) as *const __m512i);
         }
         for r in 0..ROWS_PER_TILE {
-            let w = _mm512_load_si512(w_base.add(r * kp + c) as *const __m512i);
+            let at = w_base.add(r * kp + c);
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_BYTES) as *const i8);
+            let w = _mm512_load_si512(at as *const __m512i);
             if VNNI {
                 let u = _mm512_xor_si512(w, offset);
                 for t in 0..NT {
