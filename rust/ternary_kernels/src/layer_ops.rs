@@ -26,7 +26,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// out[n, :] = x[n, :] * (1 / sqrt(mean(x[n]^2) + eps)) * weight, for rows of weight.len().
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let d = weight.len();
-    if d == 0 || x.len() % d != 0 || out.len() != x.len() {
+    if d == 0 || !x.len().is_multiple_of(d) || out.len() != x.len() {
         return Err(invalid("x", format!("expected rows of {d} values (the weight's length), got {}", x.len())));
     }
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -40,7 +40,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
 
 /// out [N, F] = silu(gu[:, :F]) * gu[:, F:] for gu [N, 2F], silu(g) = g / (1 + exp(-g)).
 pub fn silu_mul(gu: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
-    if f == 0 || gu.len() % (2 * f) != 0 || out.len() != gu.len() / 2 {
+    if f == 0 || !gu.len().is_multiple_of(2 * f) || out.len() != gu.len() / 2 {
         return Err(invalid("gu", format!("expected rows of 2 x {f} values, got {}", gu.len())));
     }
     for (row, o) in gu.chunks_exact(2 * f).zip(out.chunks_exact_mut(f)) {
@@ -88,7 +88,7 @@ pub fn attend_decode(
     let hd = s.head_dim;
     let (q_dim, kv_dim) = (s.n_heads * hd, s.n_kv_heads * hd);
     let cache_len = s.n_kv_heads * s.capacity * hd;
-    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || hd % 2 != 0 {
+    if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) || !hd.is_multiple_of(2) {
         return Err(invalid("shape", format!("{s:?}: heads must be a multiple of kv heads, head_dim even")));
     }
     if qkv.len() != q_dim + 2 * kv_dim || cos.len() != hd || sin.len() != hd || out.len() != q_dim {
@@ -107,7 +107,13 @@ pub fn attend_decode(
     if k_cache.len() != cache_len || v_cache.len() != cache_len || pos >= s.capacity {
         return Err(invalid(
             "cache",
-            format!("expected [{}, {}, {hd}] caches and pos < {}, got {} values and pos {pos}", s.n_kv_heads, s.capacity, s.capacity, k_cache.len()),
+            format!(
+                "expected [{}, {}, {hd}] caches and pos < {}, got {} values and pos {pos}",
+                s.n_kv_heads,
+                s.capacity,
+                s.capacity,
+                k_cache.len()
+            ),
         ));
     }
     let (q_raw, kv) = qkv.split_at(q_dim);
@@ -166,7 +172,8 @@ mod tests {
         for n in 0..2 {
             let row = &x[n * 40..(n + 1) * 40];
             let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 40.0;
-            let want: Vec<f32> = row.iter().zip(&w).map(|(v, w)| (*v as f64 / (ms + 1e-5).sqrt() * *w as f64) as f32).collect();
+            let want: Vec<f32> =
+                row.iter().zip(&w).map(|(v, w)| (*v as f64 / (ms + 1e-5).sqrt() * *w as f64) as f32).collect();
             close(&out[n * 40..(n + 1) * 40], &want, 1e-6);
         }
         let mut a = vec![0f32; 40];
@@ -188,7 +195,8 @@ mod tests {
         let mut v_cache: Vec<f32> = (0..2 * 6 * hd).map(|i| (i as f32 * 0.07).sin()).collect();
         let qkv: Vec<f32> = (0..(4 + 4) * hd).map(|i| (i as f32 * 0.29).sin()).collect();
         let cos: Vec<f32> = (0..hd).map(|i| ((i % 4) as f32 * 0.3).cos()).collect();
-        let sin: Vec<f32> = (0..hd).map(|i| if i < 4 { -(i as f32 * 0.3).sin() } else { ((i - 4) as f32 * 0.3).sin() }).collect();
+        let sin: Vec<f32> =
+            (0..hd).map(|i| if i < 4 { -(i as f32 * 0.3).sin() } else { ((i - 4) as f32 * 0.3).sin() }).collect();
         let mut out = vec![0f32; 4 * hd];
         attend_decode(s, &qkv, &cos, &sin, &mut k_cache, &mut v_cache, pos, 0.5, &mut out).unwrap();
         let rot = |x: &[f32]| -> Vec<f64> {
@@ -196,7 +204,11 @@ mod tests {
         };
         for g in 0..2 {
             let at = (g * 6 + pos) * hd;
-            close(&k_cache[at..at + hd], &rot(&qkv[(4 + g) * hd..(5 + g) * hd]).iter().map(|v| *v as f32).collect::<Vec<_>>(), 1e-6);
+            close(
+                &k_cache[at..at + hd],
+                &rot(&qkv[(4 + g) * hd..(5 + g) * hd]).iter().map(|v| *v as f32).collect::<Vec<_>>(),
+                1e-6,
+            );
             assert_eq!(&v_cache[at..at + hd], &qkv[(6 + g) * hd..(7 + g) * hd]);
         }
         for h in 0..4 {

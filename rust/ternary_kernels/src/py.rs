@@ -380,7 +380,11 @@ fn attend_decode<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let cs = k_cache.shape().to_vec();
     if cs.len() != 3 || v_cache.shape() != cs.as_slice() {
-        return Err(invalid("k_cache", format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape())).into());
+        return Err(invalid(
+            "k_cache",
+            format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape()),
+        )
+        .into());
     }
     let shape = layer_ops::AttnShape { n_heads, n_kv_heads: cs[0], head_dim: cs[2], capacity: cs[1] };
     let mut out = vec![0f32; n_heads * cs[2]];

@@ -348,7 +348,7 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
         }
         for r in 0..ROWS_PER_TILE {
             let at = w_base.add(r * kp + c);
-            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH_BYTES) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH_BYTES));
             let w = _mm512_load_si512(at as *const __m512i);
             if VNNI {
                 let u = _mm512_xor_si512(w, offset);
