@@ -208,3 +208,27 @@ def test_replan_only_moves_the_total_during_the_stable_phase():
     # inside the decay, or with the budget spent: never
     assert train_mod.replan_steps(args, 45, 45, 45.0, 50.0, DistInfo(), "cpu") is None
     assert train_mod.replan_steps(args, 10, 10, 10.0, 120.0, DistInfo(), "cpu") is None
+
+
+def test_validation_bpb_equals_the_eval_tasks_bpb(corpus, tmp_path):
+    """The trainer's bits per byte, on its own val windows, equals nanochat.eval's count of the same
+    windows: exact bytes of the scored text targets, specials left out."""
+    from nanochat import data as data_mod
+    from nanochat.eval import bpb as eval_bpb
+
+    prepared = data_mod.prepare_data(str(corpus), tmp_path / "run", TINY.vocab_size, seed=1)
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    lengths = torch.from_numpy(prepared.tokenizer.byte_lengths())
+    batches = list(prepared.val_batches(4, 32))
+    batches[0][1][0, 5] = prepared.tokenizer.bos_id  # a document boundary: a special target, no bytes
+    val_loss, bpb = train_mod.evaluate(model, batches, "cpu", torch.autocast("cpu", enabled=False),
+                                       train_mod.DistInfo(), lengths)
+
+    # the eval task's way: score only text targets (specials -> -1), divide by their exact bytes
+    text_batches = [(x, torch.where(lengths[y.clamp(min=0)].gt(0) & y.ne(-1), y, -1)) for x, y in batches]
+    n_bytes = sum(int(lengths[y[y != -1]].sum()) for _, y in text_batches)
+    expected = eval_bpb.evaluate_bpb(model, text_batches, n_bytes)
+    all_targets = eval_bpb.evaluate_bpb(model, batches, 1)
+    assert abs(val_loss - all_targets.loss) < 1e-5
+    assert abs(bpb - expected.bpb) < 1e-6 * expected.bpb

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from nanochat.corpus import READER_VERSION, Corpus, DataError, is_val_document, open_corpus
-from nanochat.tokenizer import TOKEN_CONTROL, Tokenizer
+from nanochat.tokenizer import Tokenizer
 
 VAL_FRACTION = 0.015
 TOKENIZER_SAMPLE_BYTES = 8_000_000  # enough for stable merges, trains in seconds
@@ -132,12 +132,6 @@ class TokenStream:
         return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
 
 
-def _byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes of text behind each token id (specials: 0), to count bytes from tokens exactly."""
-    _, _, types = tok.to_vocab_merges()
-    return np.array([0 if ty == TOKEN_CONTROL else len(tok.token_bytes(i)) for i, ty in enumerate(types)], dtype=np.int64)
-
-
 def _count_bytes(stream: TokenStream, lengths: np.ndarray) -> int:
     step = 1 << 24
     return int(sum(lengths[stream.slice(i, min(i + step, len(stream)))].sum() for i in range(0, len(stream), step)))
@@ -184,7 +178,7 @@ def build_shards(corpus: Corpus, tok: Tokenizer, folder: Path, val_fraction: flo
         val_split = "tail"
         splits["train"], splits["val"] = _split_tail(folder, splits["train"], doc_lens["train"], dtype, val_fraction, shard_tokens)
     np.save(folder / "train_doc_lens.npy", np.array(doc_lens["train"], dtype=np.int64))
-    lengths = _byte_lengths(tok)
+    lengths = tok.byte_lengths()
     for s in ("train", "val"):
         splits[s]["documents"] = len(doc_lens[s])
         splits[s]["bytes"] = _count_bytes(TokenStream(folder, splits[s], dtype.__name__), lengths)

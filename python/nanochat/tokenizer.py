@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -203,6 +205,12 @@ class Tokenizer:
             self._token_bytes = [t.encode("utf-8") if ty == TOKEN_CONTROL else bytes(_CHAR_TO_BYTE[c] for c in t)
                                  for t, ty in zip(tokens, types)]
         return self._token_bytes[token_id]
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text behind each token id, 0 for specials: counts bytes from tokens exactly (bits per byte)."""
+        _, _, types = self.to_vocab_merges()
+        return np.array([0 if ty == TOKEN_CONTROL else len(self.token_bytes(i)) for i, ty in enumerate(types)],
+                        dtype=np.int64)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return b"".join(self.token_bytes(i) for i in ids)

@@ -36,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from nanochat import checkpoint  # noqa: E402
 from nanochat.checkpoint import CheckpointError  # noqa: E402
@@ -287,26 +288,30 @@ def optimizer_step(model, optimizers, scaler, grad_clip: float) -> tuple[float, 
 # Validation
 
 @torch.no_grad()
-def evaluate(model, val_batches, device: str, autocast_ctx, info: DistInfo) -> float:
-    """Mean cross-entropy per predicted held-out token (targets -1 are padding); summed over ranks."""
+def evaluate(model, val_batches, device: str, autocast_ctx, info: DistInfo,
+             byte_lengths: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy per predicted held-out token, bits per byte), summed over ranks. Targets -1
+    are padding. Bits per byte counts the exact UTF-8 bytes of the scored targets and leaves out
+    special tokens (no bytes), as `nanochat.eval --task bpb` does, so the two agree."""
     was_training = model.training
     model.eval()
-    loss_sum, count = 0.0, 0
+    totals = torch.zeros(4, dtype=torch.float64)  # nats, tokens, nats of text targets, bytes
     for x, y in val_batches:
         x, y = x.to(device), y.to(device)
         with autocast_ctx:
-            _, loss = model(x, y)
-        n = int((y != -1).sum())
-        loss_sum += loss.item() * n
-        count += n
+            logits, _ = model(x)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+        nbytes = byte_lengths.to(device)[y.clamp(min=0)].flatten() * (y.flatten() != -1)
+        totals += torch.stack([nats.sum(), (y != -1).sum(), (nats * (nbytes > 0)).sum(), nbytes.sum()]).double().cpu()
     model.train(was_training)
     if info.enabled:
-        totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=device)
+        totals = totals.to(device)
         torch.distributed.all_reduce(totals)
-        loss_sum, count = totals.tolist()
-    if count == 0:
+        totals = totals.cpu()
+    loss_sum, count, text_nats, n_bytes = totals.tolist()
+    if count == 0 or n_bytes == 0:
         raise ConfigError("validation: the held-out split gave no tokens to predict")
-    return loss_sum / count
+    return loss_sum / count, text_nats / (math.log(2) * n_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,23 +431,25 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
         log(f"resumed from {state['path']} at step {start_step} of {args.steps}")
     metrics = MetricsLogger(run_dir, resume_step=start_step if args.resume else None) if info.is_master else None
 
-    def run_eval(step: int) -> float:
+    byte_lengths = torch.from_numpy(data.tokenizer.byte_lengths())
+
+    def run_eval(step: int) -> tuple[float, float]:
         max_batches = math.ceil(args.eval_tokens / (args.batch_size * args.seq_len * info.world_size))
         val = data.val_batches(args.batch_size, args.seq_len, max_batches, info.rank, info.world_size)
-        val_loss = evaluate(model, val, device, autocast_ctx, info)
-        bpb = data.bits_per_byte(val_loss)  # the split's bytes-per-token ratio also holds for its first windows
+        val_loss, bpb = evaluate(model, val, device, autocast_ctx, info, byte_lengths)
         if info.is_master:
             metrics.log("eval", step, val_loss=val_loss, val_bpb=bpb)
             metrics.plot()
-        return val_loss
+        return val_loss, bpb
 
     summary = {"losses": [], "val_losses": [], "run_dir": str(run_dir)}
     eval_seconds = 0.0
     if start_step == 0:
         t0 = time.perf_counter()
-        summary["val_losses"].append((0, run_eval(0)))
+        val_loss, bpb = run_eval(0)
+        summary["val_losses"].append((0, val_loss))
         eval_seconds = time.perf_counter() - t0
-        log(f"step 0: val loss {summary['val_losses'][-1][1]:.4f} | bpb {data.bits_per_byte(summary['val_losses'][-1][1]):.4f} "
+        log(f"step 0: val loss {val_loss:.4f} | bpb {bpb:.4f} "
             f"({eval_seconds:.1f} s)")
     auto_steps = args.steps is None
     if auto_steps:
@@ -550,9 +557,9 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> dict:
                         write_run_config()
 
             if step % eval_interval == 0 or step == args.steps:
-                val_loss = run_eval(step)
+                val_loss, bpb = run_eval(step)
                 summary["val_losses"].append((step, val_loss))
-                say(f"step {step}: val loss {val_loss:.4f} | bpb {data.bits_per_byte(val_loss):.4f}")
+                say(f"step {step}: val loss {val_loss:.4f} | bpb {bpb:.4f}")
                 if val_loss < train_state["best_val_loss"]:
                     train_state["best_val_loss"] = val_loss
                     save("best", step, val_loss)

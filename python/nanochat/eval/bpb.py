@@ -14,9 +14,8 @@ bytes from the byte-level vocabulary), so two tokenizers are compared on the sam
 paths see the same windows and the same byte count; only the nats differ.
 
 For the trainer: `evaluate_bpb(model, batches, n_bytes)` scores (x, y) batches (y == -1 ignored).
-train.py currently keeps its own `evaluate()` + `bits_per_byte()` (same windows; it scores the
-`<|bos|>` targets too and uses the split's average bytes per token), so its bpb is close to, not
-identical with, this module's.
+train.py's `evaluate()` counts bits per byte the same way (exact bytes of the scored targets,
+specials left out, `Tokenizer.byte_lengths`), so at the same windows the two agree.
 """
 
 from __future__ import annotations
@@ -101,9 +100,7 @@ def make_windows(tokens: np.ndarray, seq_len: int, max_tokens: int = -1) -> np.n
 
 def byte_lengths(tokenizer) -> np.ndarray:
     """UTF-8 byte length of each token id; 0 for specials (they are not scored)."""
-    specials = {tokenizer.bos_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id}
-    return np.array([0 if i in specials else len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)],
-                    dtype=np.int64)
+    return tokenizer.byte_lengths()
 
 
 def scored_mask(windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
