@@ -79,3 +79,23 @@ def set_num_threads(n: int) -> None:
 
 def num_threads() -> int:
     """Threads in use (NANOCHAT_THREADS or every online CPU unless set)."""
+
+def rms_norm(x: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], eps: float) -> npt.NDArray[np.float32]:
+    """RMSNorm over the last dim: x * (1 / sqrt(mean(x^2) + eps)) * weight; float32 x [..., D], weight [D]."""
+
+def silu_mul(gu: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """SiLU(gate) * up: float32 gu [N, 2F] (gate then up) -> [N, F]."""
+
+def attend_decode(
+    qkv: npt.NDArray[np.float32],
+    cos: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float32],
+    v_cache: npt.NDArray[np.float32],
+    pos: int,
+    n_heads: int,
+    scale: float,
+) -> npt.NDArray[np.float32]:
+    """One decode step of attention for one sequence: RoPE on q and k of qkv [q | k | v] (float32
+    [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written into k_cache/v_cache [KVH, capacity,
+    hd] at pos, softmax attention of each query head over positions 0..=pos -> float32 [H hd]."""

@@ -15,16 +15,22 @@ from nanochat._ternary import (
     Int8Matrix,
     TernaryMatrix,
     active_isa,
+    attend_decode,
     num_threads,
     quantize_activations,
+    rms_norm,
     set_num_threads,
+    silu_mul,
 )
 
 __all__ = [
     "Int8Matrix",
     "TernaryMatrix",
     "active_isa",
+    "attend_decode",
     "num_threads",
     "quantize_activations",
+    "rms_norm",
     "set_num_threads",
+    "silu_mul",
 ]
