@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=non_negative_int, default=None, help="LR warmup steps (default: 2%% of --steps, at least 1)")
     p.add_argument("--decay-frac", type=float, default=0.2, help="fraction of steps in the final linear LR decay (WSD)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; -1 (or 0) = off")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the Muon block matrices and of the AdamW embedding and head (not norms or mHC)")
     # curriculum
     p.add_argument("--curriculum", action="store_true",
                    help="sequence-length warmup: windows grow from --curriculum-min-len to --seq-len, tokens per step held steady")
