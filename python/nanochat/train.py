@@ -44,6 +44,7 @@ from nanochat.config import PRESETS, ConfigError, ModelConfig, preset  # noqa: E
 from nanochat.corpus import DataError  # noqa: E402
 from nanochat.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed  # noqa: E402
 from nanochat.metrics import MetricsLogger  # noqa: E402
+from nanochat.cli_args import non_negative_int, positive_float, positive_int  # noqa: E402
 
 EVALS_PER_RUN = 8  # default eval interval: this many evals over the run (plus the one at step 0)
 # Dense fp16/bf16 tensor-core peak per device (TFLOPS), for MFU; fp32 runs count TF32 at half of it.
@@ -71,26 +72,6 @@ MODEL_FLAG_HELP = {
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

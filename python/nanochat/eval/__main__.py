@@ -26,35 +26,9 @@ from pathlib import Path
 # took 0.5-1.5 s instead of 0.07 s with two busy neighbours); must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from nanochat.cli_args import count_or_all, non_negative_float, positive_float, positive_int  # noqa: E402
+
 TASKS = ("bpb", "humaneval", "mbpp", "samples")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def count_or_all(text: str) -> int:
-    value = int(text)
-    if value < 1 and value != -1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or -1 (= all), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
