@@ -19,7 +19,8 @@ pub struct WorkItem {
     pub tiles: Range<usize>,
 }
 
-fn check_x(x: &[f32], tokens: usize, cols: usize) -> Result<()> {
+/// x must hold exactly tokens x cols values (shared by the static and the work-stealing entry points).
+pub(crate) fn check_x(x: &[f32], tokens: usize, cols: usize) -> Result<()> {
     if x.len() != tokens * cols {
         return Err(invalid(
             "x",

@@ -12,25 +12,16 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::act::{Int8Acts, TernaryActs};
-use crate::error::{invalid, Result};
+use crate::error::Result;
 use crate::format::ROWS_PER_TILE;
 use crate::kernels::{self, Isa};
+use crate::matmul::check_x;
 use crate::pack::{PackedInt8, PackedTernary};
 
 /// Below this many multiply-adds a GEMV runs on the calling thread (a wake-up costs more than it saves).
 pub const DYNAMIC_MIN_WORK: usize = 1 << 22;
 /// Chunks per thread: enough for stealing to even out a preempted thread, few enough to stay cheap.
 const CHUNKS_PER_THREAD: usize = 8;
-
-fn check_x(x: &[f32], tokens: usize, cols: usize) -> Result<()> {
-    if x.len() != tokens * cols {
-        return Err(invalid(
-            "x",
-            format!("expected {tokens} x {cols} = {} values (K = {cols}), got {}", tokens * cols, x.len()),
-        ));
-    }
-    Ok(())
-}
 
 /// Run `kernel(part, tiles, out, ldo)` over every part's tiles in chunks; returns y [tokens][rows].
 /// One token: chunks write straight into y. Several: each chunk fills its own [tokens][chunk rows]

@@ -70,6 +70,20 @@ fn read_x(obj: &Bound<'_, PyAny>, ndim: usize, cols: usize) -> Result<(Vec<f32>,
     Ok((x.data, tokens))
 }
 
+/// Reads x ([K] for ndim 1, [T, K] for ndim 2) and runs `matmul(x, tokens)` with the GIL released;
+/// returns the output and the token count.
+fn detached_matmul(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    ndim: usize,
+    cols: usize,
+    matmul: impl FnOnce(&[f32], usize) -> Result<Vec<f32>> + Send,
+) -> PyResult<(Vec<f32>, usize)> {
+    let (x, tokens) = read_x(x, ndim, cols)?;
+    let y = py.detach(move || matmul(&x, tokens))?;
+    Ok((y, tokens))
+}
+
 fn to_2d<'py, T: Element>(
     py: Python<'py>,
     data: Vec<T>,
@@ -144,10 +158,9 @@ impl PyTernaryMatrix {
 
     /// y = W x_q for one token: float32 [K] -> float32 [M] (x quantized to int8 per token inside).
     fn gemv<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let (x, tokens) = read_x(x, 1, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            matmul::ternary_matmul(&m, &x, tokens, kernels::active_isa()?, &*pool::global()?)
+        let (y, _) = detached_matmul(py, x, 1, self.inner.shape.cols, move |x, tokens| {
+            matmul::ternary_matmul(&m, x, tokens, kernels::active_isa()?, &*pool::global()?)
         })?;
         Ok(PyArray1::from_vec(py, y))
     }
@@ -155,30 +168,27 @@ impl PyTernaryMatrix {
     /// As `gemv`, with the rows cut into small chunks that idle threads steal (ops.rs): steadier on a
     /// machine whose cores are shared with other processes. Same result bit for bit.
     fn gemv_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let (x, _) = read_x(x, 1, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            ops::ternary_matmul(&m, &x, 1, kernels::active_isa()?, pool::global()?.threads())
+        let (y, _) = detached_matmul(py, x, 1, self.inner.shape.cols, move |x, tokens| {
+            ops::ternary_matmul(&m, x, tokens, kernels::active_isa()?, pool::global()?.threads())
         })?;
         Ok(PyArray1::from_vec(py, y))
     }
 
     /// As `gemm`, scheduled like `gemv_dynamic`. Same result bit for bit.
     fn gemm_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            ops::ternary_matmul(&m, &x, tokens, kernels::active_isa()?, pool::global()?.threads())
+        let (y, tokens) = detached_matmul(py, x, 2, self.inner.shape.cols, move |x, tokens| {
+            ops::ternary_matmul(&m, x, tokens, kernels::active_isa()?, pool::global()?.threads())
         })?;
         to_2d(py, y, tokens, self.inner.shape.rows)
     }
 
     /// Y = X W^T for a batch of tokens: float32 [T, K] -> float32 [T, M].
     fn gemm<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            matmul::ternary_matmul(&m, &x, tokens, kernels::active_isa()?, &*pool::global()?)
+        let (y, tokens) = detached_matmul(py, x, 2, self.inner.shape.cols, move |x, tokens| {
+            matmul::ternary_matmul(&m, x, tokens, kernels::active_isa()?, &*pool::global()?)
         })?;
         to_2d(py, y, tokens, self.inner.shape.rows)
     }
@@ -264,40 +274,36 @@ impl PyInt8Matrix {
 
     /// y = W x_q for one token: float32 [K] -> float32 [M].
     fn gemv<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let (x, tokens) = read_x(x, 1, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            matmul::int8_matmul(&m, &x, tokens, kernels::active_isa()?, &*pool::global()?)
+        let (y, _) = detached_matmul(py, x, 1, self.inner.shape.cols, move |x, tokens| {
+            matmul::int8_matmul(&m, x, tokens, kernels::active_isa()?, &*pool::global()?)
         })?;
         Ok(PyArray1::from_vec(py, y))
     }
 
     /// As `gemv`, with the rows cut into small chunks that idle threads steal (ops.rs). Same result.
     fn gemv_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let (x, _) = read_x(x, 1, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            ops::int8_matmul(&m, &x, 1, kernels::active_isa()?, pool::global()?.threads())
+        let (y, _) = detached_matmul(py, x, 1, self.inner.shape.cols, move |x, tokens| {
+            ops::int8_matmul(&m, x, tokens, kernels::active_isa()?, pool::global()?.threads())
         })?;
         Ok(PyArray1::from_vec(py, y))
     }
 
     /// As `gemm`, scheduled like `gemv_dynamic`. Same result bit for bit.
     fn gemm_dynamic<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            ops::int8_matmul(&m, &x, tokens, kernels::active_isa()?, pool::global()?.threads())
+        let (y, tokens) = detached_matmul(py, x, 2, self.inner.shape.cols, move |x, tokens| {
+            ops::int8_matmul(&m, x, tokens, kernels::active_isa()?, pool::global()?.threads())
         })?;
         to_2d(py, y, tokens, self.inner.shape.rows)
     }
 
     /// Y = X W^T: float32 [T, K] -> float32 [T, M].
     fn gemm<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (x, tokens) = read_x(x, 2, self.inner.shape.cols)?;
         let m = self.inner.clone();
-        let y = py.detach(move || -> Result<Vec<f32>> {
-            matmul::int8_matmul(&m, &x, tokens, kernels::active_isa()?, &*pool::global()?)
+        let (y, tokens) = detached_matmul(py, x, 2, self.inner.shape.cols, move |x, tokens| {
+            matmul::int8_matmul(&m, x, tokens, kernels::active_isa()?, &*pool::global()?)
         })?;
         to_2d(py, y, tokens, self.inner.shape.rows)
     }
