@@ -13,6 +13,7 @@ use std::arch::x86_64::*;
 
 use crate::act::{Int8Acts, TernaryActs};
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
+use crate::kernels::prefetch_distance;
 use crate::kernels::scalar::finish_int8;
 
 /// Tokens sharing each decoded half (16 ymm registers: 2 i16 + 2 f32 accumulators per token).
@@ -81,10 +82,13 @@ unsafe fn tile_avx2<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &
     let q = k.q.as_ptr().add(t0 * k.kp);
     // [half][token]
     let mut facc = [[_mm256_setzero_ps(); NT]; 2];
+    let ahead = prefetch_distance(k.tile_bytes); // one stream: the tile's codes, then the next tile's
     for g in 0..k.groups {
         let mut acc = [[_mm256_setzero_si256(); NT]; 2];
         for vi in 0..k.vectors_per_group {
             let v = g * k.vectors_per_group + vi;
+            // a prefetch never faults: addresses past the end are harmless
+            _mm_prefetch::<_MM_HINT_T1>(codes.add(v * VECTOR_BYTES).wrapping_add(ahead) as *const i8);
             for h in 0..2 {
                 let w = _mm256_load_si256(codes.add(v * VECTOR_BYTES + h * 32) as *const __m256i);
                 let fields = [
@@ -172,12 +176,16 @@ unsafe fn int8_avx2<const NT: usize>(
     let w_base = q.as_ptr().add(tile * ROWS_PER_TILE * kp);
     let x_base = acts.q.i8s().as_ptr().add(t0 * kp);
     let mut acc = [[_mm256_setzero_si256(); NT]; ROWS_PER_TILE];
+    let ahead = prefetch_distance(ROWS_PER_TILE * kp); // the same column of a later tile
     for c in (0..kp).step_by(32) {
         let mut xs = [_mm256_setzero_si256(); NT];
         for t in 0..NT {
             xs[t] = _mm256_load_si256(x_base.add(t * kp + c) as *const __m256i);
         }
         for r in 0..ROWS_PER_TILE {
+            if c % 64 == 0 {
+                _mm_prefetch::<_MM_HINT_T1>(w_base.add(r * kp + c).wrapping_add(ahead) as *const i8);
+            }
             let w = _mm256_load_si256(w_base.add(r * kp + c) as *const __m256i);
             let magnitude = _mm256_abs_epi8(w);
             for t in 0..NT {

@@ -16,15 +16,11 @@ use std::arch::x86_64::*;
 
 use crate::act::{Int8Acts, TernaryActs};
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
+use crate::kernels::prefetch_distance;
 use crate::kernels::scalar::finish_int8;
 
 /// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
 const BLOCK_TILES: usize = 4;
-/// Software prefetch distance along each weight stream: weights are read once per call from memory
-/// (a model does not fit this machine's L3), and the hardware prefetcher alone left the GEMV at ~25%
-/// of the streaming bandwidth. Into L2 (hint T1), whose miss queue is deeper than L1's: cold int8
-/// head 2.75-3.42 ms with T0 vs 1.76-2.04 with T1. A prefetch never faults: addresses past the end are harmless.
-const PREFETCH_BYTES: usize = 8192;
 /// Tokens per register block.
 const TOKEN_BLOCK: usize = 6;
 /// Int8: tokens per register block (4 rows x 4 tokens accumulators).
@@ -187,6 +183,7 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
     let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
     let q = k.q.as_ptr().add(t0 * k.kp);
     let mut facc = [[_mm512_setzero_ps(); NT]; RT];
+    let ahead = prefetch_distance(RT * k.tile_bytes); // the same vector of a later block of RT tiles
     for g in 0..k.groups {
         // VNNI accumulates i32 directly; BW accumulates maddubs pairs in i16 (|sum| <= 16 x 512) per group.
         let mut acc = [[[_mm512_setzero_si512(); PAR]; NT]; RT];
@@ -203,7 +200,7 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
             let v = g * k.vectors_per_group + vi;
             for r in 0..RT {
                 let at = codes.add(r * k.tile_bytes + v * VECTOR_BYTES);
-                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH_BYTES) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(ahead) as *const i8);
                 let w = _mm512_load_si512(at as *const __m512i);
                 let fields = [
                     _mm512_and_si512(w, mask3),
@@ -341,6 +338,7 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
     let w_base = q.as_ptr().add(tile * ROWS_PER_TILE * kp);
     let x_base = acts.q.i8s().as_ptr().add(t0 * kp);
     let mut acc = [[_mm512_setzero_si512(); NT]; ROWS_PER_TILE];
+    let ahead = prefetch_distance(ROWS_PER_TILE * kp); // the same column of a later tile
     for c in (0..kp).step_by(64) {
         let mut xs = [zero; NT];
         for t in 0..NT {
@@ -348,7 +346,7 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
         }
         for r in 0..ROWS_PER_TILE {
             let at = w_base.add(r * kp + c);
-            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH_BYTES));
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(ahead));
             let w = _mm512_load_si512(at as *const __m512i);
             if VNNI {
                 let u = _mm512_xor_si512(w, offset);
