@@ -107,6 +107,7 @@ class PinnedSchedule:
 
 
 def use_pinned_schedule(engine: Engine) -> None:
+    engine.model.decoder = None  # the native decode step schedules its matmuls dynamically: use the Python loop
     w = engine.model.w
     for layer in w.layers:
         layer.qkv, layer.o = PinnedSchedule(layer.qkv), PinnedSchedule(layer.o)
@@ -129,21 +130,30 @@ def set_timed(engine: Engine, on: bool) -> None:
 
 
 def decode_speed(engine: Engine, prompt: list[int], n: int) -> tuple[float, dict[str, float]]:
-    """(tokens/s of decode steps after a prefill, ms per token in each kind of kernel call and outside them)."""
+    """(tokens/s of decode steps after a prefill, ms per token in each native stage and outside them).
+    The native decode step (decode.rs) times its own stages; the Python layer loop is timed by wrapping
+    each matrix's kernel calls. "python" is the rest of the wall time: Python, numpy and call overhead."""
     model = engine.model
     cache = model.new_cache(len(prompt) + n + 1)
     logits = model.forward([(prompt, cache)])
     token = int(np.argmax(logits[0]))
-    set_timed(engine, True)
-    Timed.by_part = {}
+    native = model.decoder is not None
+    if native:
+        model.decoder.reset_times()
+    else:
+        set_timed(engine, True)
+        Timed.by_part = {}
     t0 = time.perf_counter()
     for _ in range(n):
         logits = model.forward([([token], cache)])
         token = int(np.argmax(logits[0]))
     elapsed = time.perf_counter() - t0
-    set_timed(engine, False)
-    parts = {k: v / n * 1e3 for k, v in Timed.by_part.items()}
-    parts["python (outside kernels)"] = elapsed / n * 1e3 - sum(parts.values())
+    if native:
+        parts = {k: v / n * 1e3 for k, v in model.decoder.times()}
+    else:
+        set_timed(engine, False)
+        parts = {k: v / n * 1e3 for k, v in Timed.by_part.items()}
+    parts["python (outside native code)" if native else "python (outside kernels)"] = elapsed / n * 1e3 - sum(parts.values())
     return n / elapsed, parts
 
 
@@ -229,7 +239,10 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=-1, help="PyTorch threads (-1 = all cores)")
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch fp32 baseline")
     parser.add_argument("--schedule", default="dynamic", choices=["dynamic", "pinned"],
-                        help="kernel scheduling: work-stealing chunks (engine default) or the pool's fixed split")
+                        help="kernel scheduling: work-stealing chunks (engine default) or the pool's fixed split "
+                             "(pinned also turns off the native decode step)")
+    parser.add_argument("--decode-path", default="native", choices=["native", "python"],
+                        help="decode steps as one native call (engine default) or the Python layer loop, for A/B runs")
     args = parser.parse_args()
 
     print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cores, kernels: {kernels.BACKEND}, schedule: {args.schedule}")
@@ -245,6 +258,8 @@ def main() -> None:
         print(f"load: {time.perf_counter() - t0:.1f} s")
     if args.schedule == "pinned":
         use_pinned_schedule(engine)
+    if args.decode_path == "python":
+        engine.model.decoder = None
 
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size
@@ -252,8 +267,9 @@ def main() -> None:
     results = {}
     decode_speed(engine, prompt, 8)  # warm-up
     results["decode"], parts = decode_speed(engine, prompt, args.decode_tokens)
-    share = 1 - parts["python (outside kernels)"] / sum(parts.values())
-    print(f"decode (1 sequence): {results['decode']:.1f} tok/s; {share:.0%} of decode time inside kernel calls")
+    share = 1 - list(parts.values())[-1] / sum(parts.values())
+    where = "the native decode step" if engine.model.decoder is not None else "kernel calls"
+    print(f"decode (1 sequence): {results['decode']:.1f} tok/s; {share:.0%} of decode time inside {where}")
     print("  ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     long_prompt = [int(t) for t in rng.integers(4, vocab, min(args.prefill_tokens, engine.max_seq_len))]
     results["prefill"] = prefill_speed(engine, long_prompt, repeats=2)

@@ -99,3 +99,71 @@ def attend_decode(
     """One decode step of attention for one sequence: RoPE on q and k of qkv [q | k | v] (float32
     [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written into k_cache/v_cache [KVH, capacity,
     hd] at pos, softmax attention of each query head over positions 0..=pos -> float32 [H hd]."""
+
+def mhc_read(xs: npt.NDArray[np.float32], h_pre: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """mHC read of streams xs [n, ..., D] with weights h_pre [n]: sum_i h_pre[i] xs[i] -> [..., D] (streams
+    added in order; the engine's prefill and decode both call it, so they agree bit for bit)."""
+
+def mhc_write(
+    xs: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    h_res: npt.NDArray[np.float32],
+    h_post: npt.NDArray[np.float32],
+) -> None:
+    """mHC write, in place on xs [n, ..., D]: xs[i] = sum_j h_res[i, j] xs[j] + h_post[i] y, y [..., D]."""
+
+MhcMatrices = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]
+
+class DecodeLayer:
+    """The decode step of one transformer layer (rust/ternary_kernels/src/decode.rs), built once; the
+    matrices are shared with the given TernaryMatrix objects, not copied."""
+
+    def __init__(
+        self,
+        attn_norm: npt.NDArray[np.float32],
+        qkv: TernaryMatrix,
+        o: TernaryMatrix,
+        ffn_norm: npt.NDArray[np.float32],
+        gate_up: TernaryMatrix,
+        down: TernaryMatrix,
+        n_heads: int,
+        n_kv_heads: int,
+        eps: float,
+        scale: float,
+        attn_sub_norm: npt.NDArray[np.float32] | None = None,
+        ffn_sub_norm: npt.NDArray[np.float32] | None = None,
+        attn_mhc: MhcMatrices | None = None,
+        ffn_mhc: MhcMatrices | None = None,
+    ) -> None:
+        """Norms float32 [D]; qkv [(H + 2 KVH) hd, D] (q, k, v rows), o [D, H hd], gate_up [2 F, D] (gate rows,
+        then up), down [D, F]; sub-norms [H hd] and [F]; mHC (h_pre [n], h_post [n], h_res [n, n]), both or neither."""
+    def step(
+        self,
+        xs: npt.NDArray[np.float32],
+        cos: npt.NDArray[np.float32],
+        sin: npt.NDArray[np.float32],
+        k_caches: list[npt.NDArray[np.float32]],
+        v_caches: list[npt.NDArray[np.float32]],
+        positions: list[int],
+    ) -> None:
+        """The layer for B new tokens, in place on xs [n_streams, B, D]: cos/sin [B, hd] RoPE rows, one
+        [KVH, capacity, hd] k and v cache per sequence (k, v written at positions[i]; attention over 0..=positions[i])."""
+
+class DecodeModel:
+    """Every layer's decode step, the stream mean, the output norm and the int8 head: one call per step."""
+
+    def __init__(self, layers: list[DecodeLayer], output_norm: npt.NDArray[np.float32], head: Int8Matrix) -> None: ...
+    def step(
+        self,
+        xs: npt.NDArray[np.float32],
+        cos: npt.NDArray[np.float32],
+        sin: npt.NDArray[np.float32],
+        k_caches: list[npt.NDArray[np.float32]],
+        v_caches: list[npt.NDArray[np.float32]],
+        positions: list[int],
+    ) -> npt.NDArray[np.float32]:
+        """xs [n_streams, B, D] (the new tokens' embeddings in every stream; overwritten), cos/sin [B, hd], one
+        [L, KVH, capacity, hd] k and v cache per sequence, the tokens' positions -> logits float32 [B, V]."""
+    def times(self) -> list[tuple[str, float]]:
+        """Seconds per stage so far (qkv, attention, o, gate_up, down, head, norms/mHC/SiLU), summed over layers."""
+    def reset_times(self) -> None: ...

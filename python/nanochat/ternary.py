@@ -12,10 +12,14 @@ Environment: NANOCHAT_THREADS (thread count), NANOCHAT_TERNARY_ISA=scalar|avx2|a
 """
 
 from nanochat._ternary import (
+    DecodeLayer,
+    DecodeModel,
     Int8Matrix,
     TernaryMatrix,
     active_isa,
     attend_decode,
+    mhc_read,
+    mhc_write,
     num_threads,
     quantize_activations,
     rms_norm,
@@ -24,10 +28,14 @@ from nanochat._ternary import (
 )
 
 __all__ = [
+    "DecodeLayer",
+    "DecodeModel",
     "Int8Matrix",
     "TernaryMatrix",
     "active_isa",
     "attend_decode",
+    "mhc_read",
+    "mhc_write",
     "num_threads",
     "quantize_activations",
     "rms_norm",

@@ -4,6 +4,9 @@
 used when the extension imports; otherwise the numpy classes below compute the same arithmetic
 (per-token int8 activations, integer dot products per group, times the group scale, / s) so the
 engine still runs, slowly. NANOCHAT_ENGINE_KERNELS=numpy forces the reference (for comparisons).
+The float ops between matmuls (rms_norm, silu_mul, attend_decode, mhc_read, mhc_write) come from the
+same backend; `DecodeLayer` / `DecodeModel` (the whole decode step in Rust, decode.rs) are None
+with the numpy backend.
 """
 
 from __future__ import annotations
@@ -112,6 +115,18 @@ def numpy_attend_decode(qkv, cos, sin, k_cache, v_cache, pos: int, n_heads: int,
     return np.matmul(scores, v_cache[:, :pos + 1]).reshape(n_heads * hd)
 
 
+def numpy_mhc_read(xs: np.ndarray, h_pre: np.ndarray) -> np.ndarray:
+    """sum_i h_pre[i] xs[i] for streams xs [n, ..., D] (a matmul on the flattened view: no Python loop)."""
+    return (h_pre @ xs.reshape(xs.shape[0], -1)).reshape(xs.shape[1:])
+
+
+def numpy_mhc_write(xs: np.ndarray, y: np.ndarray, h_res: np.ndarray, h_post: np.ndarray) -> None:
+    """In place: xs[i] = sum_j h_res[i, j] xs[j] + h_post[i] y."""
+    mixed = (h_res @ xs.reshape(xs.shape[0], -1)).reshape(xs.shape)
+    mixed += h_post.reshape(-1, *([1] * y.ndim)) * y
+    xs[...] = mixed
+
+
 def limit_numpy_blas_threads(n: int) -> bool:
     """Set the thread count of numpy's bundled OpenBLAS (attention matmuls). Its worker threads spin-wait
     and fight the Rust kernels' pool for the cores: on 2 busy cores one thread was 10x faster than two."""
@@ -129,7 +144,7 @@ def limit_numpy_blas_threads(n: int) -> bool:
 
 
 NUMPY_BACKEND = (NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, numpy_rms_norm, numpy_silu_mul,
-                 numpy_attend_decode, "numpy")
+                 numpy_attend_decode, numpy_mhc_read, numpy_mhc_write, None, None, "numpy")
 
 
 def _load_backend():
@@ -145,8 +160,10 @@ def _load_backend():
         return NUMPY_BACKEND
     log.info("engine kernels: Rust extension, isa %s", ternary.active_isa())
     return (ternary.TernaryMatrix, ternary.Int8Matrix, ternary.set_num_threads, rust.rms_norm, rust.silu_mul,
-            rust.attend_decode, f"rust-{ternary.active_isa()}")
+            rust.attend_decode, rust.mhc_read, rust.mhc_write, rust.DecodeLayer, rust.DecodeModel,
+            f"rust-{ternary.active_isa()}")
 
 
-# the fused float ops (rms_norm, silu_mul, attend_decode) come from the same backend as the matrices
-TernaryMatrix, Int8Matrix, set_num_threads, rms_norm, silu_mul, attend_decode, BACKEND = _load_backend()
+# the fused float ops come from the same backend as the matrices (prefill and decode share their arithmetic)
+(TernaryMatrix, Int8Matrix, set_num_threads, rms_norm, silu_mul, attend_decode, mhc_read, mhc_write, DecodeLayer,
+ DecodeModel, BACKEND) = _load_backend()

@@ -5,6 +5,11 @@ each running one (batched decode), or both. All their tokens go through every li
 [N, K] batch (ternary GEMMs in the Rust kernels); only attention runs per sequence, against that
 sequence's own cache and positions. The math follows docs/contracts.md (RMSNorm, rotate-half RoPE,
 GQA, SwiGLU, mHC-lite mixing), the same as nanochat.model's quantized forward.
+
+A pure decode step (every sequence has exactly one new token) runs as one native call with the Rust
+extension (kernels.DecodeModel, decode.rs): the same norm, mHC, SiLU and matmul functions this file
+calls for prefill, so a decoded token's residual stream equals the prefill's bit for bit (attention
+sums in another order). The Python layer loop below serves prefill, mixed batches and the numpy backend.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ GEMM_ROWS = 64  # long prefills go through the kernels 64 tokens at a time: meas
 
 @dataclass
 class MhcMix:
-    """One sublayer's mHC matrices: h_pre [n], h_post [n], h_res [n, n]."""
+    """One sublayer's mHC matrices: h_pre [n], h_post [n], h_res [n, n] (kept float32: the kernels' dtype)."""
     h_pre: np.ndarray
     h_post: np.ndarray
     h_res: np.ndarray
+
+    def __post_init__(self):
+        self.h_pre, self.h_post, self.h_res = (np.ascontiguousarray(a, dtype=np.float32)
+                                               for a in (self.h_pre, self.h_post, self.h_res))
 
 
 @dataclass
@@ -115,6 +124,20 @@ class Transformer:
         self.kv_dim = cfg.n_kv_heads * cfg.head_dim
         self.eps = np.float32(cfg.norm_eps)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+        self.mean_weights = np.full(cfg.mhc_streams, 1.0 / cfg.mhc_streams, dtype=np.float32)
+        self.decoder = self._native_decoder()
+
+    def _native_decoder(self):
+        """The whole decode step in Rust over the same matrices (shared, not copied); None with numpy kernels."""
+        if kernels.DecodeModel is None:
+            return None
+        cfg = self.cfg
+        mats = lambda mix: None if mix is None else (mix.h_pre, mix.h_post, mix.h_res)  # noqa: E731
+        layers = [kernels.DecodeLayer(lw.attn_norm, lw.qkv, lw.o, lw.ffn_norm, lw.gate_up, lw.down, cfg.n_heads,
+                                      cfg.n_kv_heads, float(self.eps), float(self.scale), lw.attn_sub_norm,
+                                      lw.ffn_sub_norm, mats(lw.attn_mhc), mats(lw.ffn_mhc))
+                  for lw in self.w.layers]
+        return kernels.DecodeModel(layers, self.w.output_norm, self.w.head)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         cap = self.cfg.max_seq_len if capacity is None else min(capacity, self.cfg.max_seq_len)
@@ -139,6 +162,8 @@ class Transformer:
                 raise ValueError("forward: a sequence with no new tokens")
             if cache.length + t > cache.capacity:
                 raise ValueError(f"forward: {cache.length} + {t} tokens exceed the KV cache capacity {cache.capacity}")
+        if self.decoder is not None and len(seqs) == sum(lengths):
+            return self._decode(seqs)
         ids = np.fromiter((tok for tokens, _ in seqs for tok in tokens), dtype=np.int64, count=sum(lengths))
         positions = np.concatenate([np.arange(c.length, c.length + t) for (_, c), t in zip(seqs, lengths)])
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd]
@@ -150,26 +175,35 @@ class Transformer:
             xs = self._write(xs, y, layer.attn_mhc)
             u = self._read(xs, layer.ffn_mhc)
             xs = self._write(xs, self._ffn(layer, kernels.rms_norm(u, layer.ffn_norm, self.eps)), layer.ffn_mhc)
-        x = xs if n == 1 else xs.mean(axis=0)
+        x = xs if n == 1 else kernels.mhc_read(xs, self.mean_weights)  # the stream mean, as the decode step takes it
         for (_, cache), t in zip(seqs, lengths):
             cache.length += t
         if not all_logits:
             x = x[np.cumsum(lengths) - 1]
         return self._linear(self.w.head, kernels.rms_norm(x, self.w.output_norm, self.eps))
 
-    # mHC read / write; with one stream they are the plain residual
-    # (matmul on the flattened [n, N*D] view: np.tensordot costs ~25 us of Python per call)
+    def _decode(self, seqs: list[tuple[list[int], KVCache]]) -> np.ndarray:
+        """One new token per sequence through every layer and the head in one native call -> logits [B, V]."""
+        positions = [cache.length for _, cache in seqs]
+        x = self.w.embedding.rows(np.array([tokens[0] for tokens, _ in seqs], dtype=np.int64))
+        xs = np.broadcast_to(x, (self.cfg.mhc_streams, *x.shape)).copy()  # written in place
+        logits = self.decoder.step(xs, self.cos[positions], self.sin[positions], [c.k for _, c in seqs],
+                                   [c.v for _, c in seqs], positions)
+        for _, cache in seqs:
+            cache.length += 1
+        return logits
+
+    # mHC read / write (in place on xs); with one stream they are the plain residual
     @staticmethod
     def _read(xs: np.ndarray, mix: MhcMix | None) -> np.ndarray:
-        return xs if mix is None else (mix.h_pre @ xs.reshape(xs.shape[0], -1)).reshape(xs.shape[1:])
+        return xs if mix is None else kernels.mhc_read(xs, mix.h_pre)
 
     @staticmethod
     def _write(xs: np.ndarray, y: np.ndarray, mix: MhcMix | None) -> np.ndarray:
         if mix is None:
             return xs + y
-        mixed = (mix.h_res @ xs.reshape(xs.shape[0], -1)).reshape(xs.shape)
-        mixed += mix.h_post[:, None, None] * y
-        return mixed
+        kernels.mhc_write(xs, y, mix.h_res, mix.h_post)
+        return xs
 
     def _ffn(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
         a = kernels.silu_mul(self._linear(layer.gate_up, h))

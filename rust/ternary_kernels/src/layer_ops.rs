@@ -1,5 +1,6 @@
-//! The engine's small float ops between the matmuls, fused: RMSNorm, SiLU(gate) * up, and one
-//! decode step of attention (RoPE, KV-cache write, single-query GQA softmax attention).
+//! The engine's small float ops between the matmuls, fused: RMSNorm, SiLU(gate) * up, the mHC
+//! stream read and write, and one decode step of attention (RoPE, KV-cache write, single-query GQA
+//! softmax attention).
 //!
 //! In numpy each of these is 5-15 array ops of a microsecond or more per token and layer; here each
 //! is one call. The arithmetic follows python/nanochat/engine/model.py (same formulas in f32; sums
@@ -47,6 +48,62 @@ pub fn silu_mul(gu: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
         let (g, u) = row.split_at(f);
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+    Ok(())
+}
+
+/// mHC read: out [M] = sum_i h_pre[i] * xs[i] for n = h_pre.len() streams xs [n][M], streams added
+/// in order with separate multiply and add. Prefill and decode both call this (per element, so the
+/// token count cannot change a result): their residual streams agree bit for bit.
+pub fn mhc_read(xs: &[f32], h_pre: &[f32], out: &mut [f32]) -> Result<()> {
+    let (n, m) = (h_pre.len(), out.len());
+    if n == 0 || xs.len() != n * m {
+        return Err(invalid("xs", format!("expected {n} streams of {m} values, got {} values", xs.len())));
+    }
+    for (o, &x) in out.iter_mut().zip(&xs[..m]) {
+        *o = h_pre[0] * x;
+    }
+    for (i, stream) in xs.chunks_exact(m).enumerate().skip(1) {
+        for (o, &x) in out.iter_mut().zip(stream) {
+            *o += h_pre[i] * x;
+        }
+    }
+    Ok(())
+}
+
+/// Elements per block of `mhc_write` (the old streams of a block are copied aside first).
+const MHC_BLOCK: usize = 256;
+
+/// mHC write, in place: xs[i] = sum_j h_res[i, j] * xs[j] + h_post[i] * y for streams xs [n][M],
+/// y [M], h_res [n, n] row-major (same order of operations as `mhc_read`, then the h_post term).
+pub fn mhc_write(xs: &mut [f32], y: &[f32], h_res: &[f32], h_post: &[f32]) -> Result<()> {
+    let (n, m) = (h_post.len(), y.len());
+    if n == 0 || h_res.len() != n * n {
+        return Err(invalid("h_res", format!("expected [{n}, {n}] (n = h_post's length), got {} values", h_res.len())));
+    }
+    if xs.len() != n * m {
+        return Err(invalid("xs", format!("expected {n} streams of {m} values (y's length), got {} values", xs.len())));
+    }
+    let mut old = vec![0f32; n * MHC_BLOCK];
+    for start in (0..m).step_by(MHC_BLOCK) {
+        let len = MHC_BLOCK.min(m - start);
+        for j in 0..n {
+            old[j * MHC_BLOCK..j * MHC_BLOCK + len].copy_from_slice(&xs[j * m + start..j * m + start + len]);
+        }
+        for i in 0..n {
+            let out = &mut xs[i * m + start..i * m + start + len];
+            for (o, &x) in out.iter_mut().zip(&old[..len]) {
+                *o = h_res[i * n] * x;
+            }
+            for j in 1..n {
+                for (o, &x) in out.iter_mut().zip(&old[j * MHC_BLOCK..j * MHC_BLOCK + len]) {
+                    *o += h_res[i * n + j] * x;
+                }
+            }
+            for (o, &v) in out.iter_mut().zip(&y[start..start + len]) {
+                *o += h_post[i] * v;
+            }
         }
     }
     Ok(())
@@ -185,6 +242,28 @@ mod tests {
             }
         }
         assert!(rms_norm(&x[..39], &w, 1e-5, &mut out[..39]).is_err());
+    }
+
+    #[test]
+    fn mhc_read_and_write_match_the_definition() {
+        let (n, m) = (3, 300); // more than one MHC_BLOCK, and a partial one
+        let xs: Vec<f32> = (0..n * m).map(|i| (i as f32 * 0.13).sin()).collect();
+        let y: Vec<f32> = (0..m).map(|i| (i as f32 * 0.07).cos()).collect();
+        let (h_pre, h_post) = ([0.5f32, 0.25, 0.75], [1.5f32, 0.5, 1.0]);
+        let h_res = [0.6f32, 0.3, 0.1, 0.2, 0.5, 0.3, 0.2, 0.2, 0.6];
+        let mut u = vec![0f32; m];
+        mhc_read(&xs, &h_pre, &mut u).unwrap();
+        let mut written = xs.clone();
+        mhc_write(&mut written, &y, &h_res, &h_post).unwrap();
+        for k in 0..m {
+            assert_eq!(u[k], h_pre[0] * xs[k] + h_pre[1] * xs[m + k] + h_pre[2] * xs[2 * m + k]);
+            for i in 0..n {
+                let mixed = h_res[i * n] * xs[k] + h_res[i * n + 1] * xs[m + k] + h_res[i * n + 2] * xs[2 * m + k];
+                assert_eq!(written[i * m + k], mixed + h_post[i] * y[k], "stream {i} element {k}");
+            }
+        }
+        assert!(mhc_read(&xs[1..], &h_pre, &mut u).is_err());
+        assert!(mhc_write(&mut written, &y, &h_res[1..], &h_post).is_err());
     }
 
     #[test]

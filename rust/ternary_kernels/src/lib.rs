@@ -10,6 +10,7 @@
 
 pub mod act;
 pub mod aligned;
+pub mod decode;
 pub mod error;
 pub mod format;
 pub mod kernels;

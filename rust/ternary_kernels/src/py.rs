@@ -13,6 +13,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
+use crate::decode;
 use crate::error::{invalid, Error, Result};
 use crate::format::TernaryShape;
 use crate::kernels;
@@ -28,12 +29,13 @@ struct Owned<T> {
     shape: Vec<usize>,
 }
 
-fn read_array<T: Element + Copy>(
+/// The numpy array `obj` as a C-contiguous array of T with one of the allowed ndims, and its shape.
+fn checked_array<'a, 'py, T: Element>(
     arg: &'static str,
-    obj: &Bound<'_, PyAny>,
+    obj: &'a Bound<'py, PyAny>,
     ndims: &[usize],
     dtype_name: &str,
-) -> Result<Owned<T>> {
+) -> Result<(&'a Bound<'py, PyArrayDyn<T>>, Vec<usize>)> {
     let py = obj.py();
     let Ok(arr) = obj.cast::<PyUntypedArray>() else {
         let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
@@ -54,6 +56,16 @@ fn read_array<T: Element + Copy>(
         return Err(invalid(arg, format!("array with shape {shape:?} is not C-contiguous (use np.ascontiguousarray)")));
     }
     let typed = obj.cast::<PyArrayDyn<T>>().map_err(|_| invalid(arg, format!("expected dtype {dtype_name}")))?;
+    Ok((typed, shape))
+}
+
+fn read_array<T: Element + Copy>(
+    arg: &'static str,
+    obj: &Bound<'_, PyAny>,
+    ndims: &[usize],
+    dtype_name: &str,
+) -> Result<Owned<T>> {
+    let (typed, shape) = checked_array::<T>(arg, obj, ndims, dtype_name)?;
     let view = typed.try_readonly().map_err(|_| invalid(arg, "array is being written elsewhere"))?;
     let data = view.as_slice().map_err(|_| invalid(arg, "array is not contiguous"))?.to_vec();
     Ok(Owned { data, shape })
@@ -410,6 +422,304 @@ fn attend_decode<'py>(
     Ok(PyArray1::from_vec(py, out))
 }
 
+/// mHC read of streams xs [n, ..., D] (float32) with weights h_pre [n]: sum_i h_pre[i] xs[i] -> [..., D].
+/// The engine's prefill and decode both call this, so their residual streams agree bit for bit.
+#[pyfunction]
+fn mhc_read<'py>(
+    py: Python<'py>,
+    xs: &Bound<'py, PyAny>,
+    h_pre: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let (xs, shape) = checked_array::<f32>("xs", xs, &[2, 3, 4], "float32")?;
+    let h_pre = read_array::<f32>("h_pre", h_pre, &[1], "float32")?;
+    if shape[0] != h_pre.shape[0] {
+        return Err(
+            invalid("h_pre", format!("expected one weight per stream ({}), got {}", shape[0], h_pre.shape[0])).into()
+        );
+    }
+    let xs = xs.try_readonly().map_err(|_| invalid("xs", "array is being written elsewhere"))?;
+    let mut out = vec![0f32; xs.len() / shape[0]];
+    layer_ops::mhc_read(slice_of("xs", &xs)?, &h_pre.data, &mut out)?;
+    Ok(numpy::ndarray::ArrayD::from_shape_vec(&shape[1..], out)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("internal shape error: {e}")))?
+        .into_pyarray(py))
+}
+
+/// mHC write, in place on xs [n, ..., D] (float32): xs[i] = sum_j h_res[i, j] xs[j] + h_post[i] y, y [..., D].
+#[pyfunction]
+fn mhc_write(
+    xs: &Bound<'_, PyAny>,
+    y: &Bound<'_, PyAny>,
+    h_res: &Bound<'_, PyAny>,
+    h_post: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (xs, shape) = checked_array::<f32>("xs", xs, &[2, 3, 4], "float32")?;
+    let (y, y_shape) = checked_array::<f32>("y", y, &[shape.len() - 1], "float32")?;
+    if y_shape != shape[1..] {
+        return Err(
+            invalid("y", format!("expected shape {:?} (one stream of xs), got {y_shape:?}", &shape[1..])).into()
+        );
+    }
+    let h_res = read_array::<f32>("h_res", h_res, &[2], "float32")?;
+    let h_post = read_array::<f32>("h_post", h_post, &[1], "float32")?;
+    let n = shape[0];
+    if h_res.shape != [n, n] || h_post.shape != [n] {
+        return Err(invalid(
+            "h_res",
+            format!(
+                "expected h_res [{n}, {n}] and h_post [{n}] for {n} streams, got {:?} and {:?}",
+                h_res.shape, h_post.shape
+            ),
+        )
+        .into());
+    }
+    let y = y.try_readonly().map_err(|_| invalid("y", "array is being written elsewhere"))?;
+    let mut xs = xs.try_readwrite().map_err(|e| invalid("xs", format!("cannot write the array in place ({e})")))?;
+    let xs = xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
+    layer_ops::mhc_write(xs, slice_of("y", &y)?, &h_res.data, &h_post.data)?;
+    Ok(())
+}
+
+/// One sublayer's mHC matrices from Python: (h_pre [n], h_post [n], h_res [n, n]) float32 arrays.
+fn read_mhc(arg: &'static str, mhc: MhcArgs<'_>) -> Result<Option<decode::Mhc>> {
+    let Some((h_pre, h_post, h_res)) = mhc else { return Ok(None) };
+    let h_pre = read_array::<f32>(arg, &h_pre, &[1], "float32")?.data;
+    let h_post = read_array::<f32>(arg, &h_post, &[1], "float32")?.data;
+    let h_res = read_array::<f32>(arg, &h_res, &[2], "float32")?.data;
+    Ok(Some(decode::Mhc { h_pre, h_post, h_res }))
+}
+
+fn read_vec(arg: &'static str, obj: Option<&Bound<'_, PyAny>>) -> Result<Option<Vec<f32>>> {
+    obj.map(|o| read_array::<f32>(arg, o, &[1], "float32").map(|a| a.data)).transpose()
+}
+
+/// The borrowed arguments of a decode step, checked against the layer's sizes.
+struct StepArgs<'py> {
+    xs: numpy::PyReadwriteArrayDyn<'py, f32>,
+    cos: numpy::PyReadonlyArrayDyn<'py, f32>,
+    sin: numpy::PyReadonlyArrayDyn<'py, f32>,
+    ks: Vec<numpy::PyReadwriteArrayDyn<'py, f32>>,
+    vs: Vec<numpy::PyReadwriteArrayDyn<'py, f32>>,
+    positions: Vec<usize>,
+}
+
+/// Check and borrow xs [n, B, D], cos/sin [B, hd], B caches each [*lead, capacity, hd] and B positions.
+#[allow(clippy::too_many_arguments)]
+fn step_args<'py>(
+    layer: &decode::DecodeLayer,
+    lead: &[usize],
+    xs: &Bound<'py, PyAny>,
+    cos: &Bound<'py, PyAny>,
+    sin: &Bound<'py, PyAny>,
+    k_caches: &[Bound<'py, PyAny>],
+    v_caches: &[Bound<'py, PyAny>],
+    positions: &[i64],
+) -> Result<StepArgs<'py>> {
+    let (n, d, hd) = (layer.streams(), layer.dim(), layer.head_dim());
+    let (xs, shape) = checked_array::<f32>("xs", xs, &[3], "float32")?;
+    let b = shape[1];
+    if shape[0] != n || shape[2] != d || b == 0 {
+        return Err(invalid("xs", format!("expected [n_streams = {n}, B > 0, D = {d}], got {shape:?}")));
+    }
+    let rope = |arg: &'static str, obj: &Bound<'py, PyAny>| -> Result<numpy::PyReadonlyArrayDyn<'py, f32>> {
+        let (a, shape) = checked_array::<f32>(arg, obj, &[2], "float32")?;
+        if shape != [b, hd] {
+            return Err(invalid(arg, format!("expected [B = {b}, head_dim = {hd}], got {shape:?}")));
+        }
+        a.try_readonly().map_err(|_| invalid(arg, "array is being written elsewhere"))
+    };
+    let (cos, sin) = (rope("cos", cos)?, rope("sin", sin)?);
+    for (arg, got) in [("k_caches", k_caches.len()), ("v_caches", v_caches.len()), ("positions", positions.len())] {
+        if got != b {
+            return Err(invalid(arg, format!("expected one per sequence (B = {b}), got {got}")));
+        }
+    }
+    let mut ks = Vec::with_capacity(b);
+    let mut vs = Vec::with_capacity(b);
+    let mut pos = Vec::with_capacity(b);
+    for i in 0..b {
+        let (k, k_shape) = checked_array::<f32>("k_caches", &k_caches[i], &[lead.len() + 2], "float32")?;
+        let (v, v_shape) = checked_array::<f32>("v_caches", &v_caches[i], &[lead.len() + 2], "float32")?;
+        let capacity = k_shape[lead.len()];
+        if k_shape[..lead.len()] != *lead || k_shape[lead.len() + 1] != hd || v_shape != k_shape {
+            return Err(invalid(
+                "k_caches",
+                format!("sequence {i}: expected k and v caches {lead:?} + [capacity, {hd}], got {k_shape:?} and {v_shape:?}"),
+            ));
+        }
+        if positions[i] < 0 || positions[i] as usize >= capacity {
+            return Err(invalid(
+                "positions",
+                format!("sequence {i}: expected 0 <= position < {capacity}, got {}", positions[i]),
+            ));
+        }
+        pos.push(positions[i] as usize);
+        let busy = |arg: &'static str, e| {
+            invalid(arg, format!("sequence {i}: cannot write the cache ({e}; the same cache twice?)"))
+        };
+        ks.push(k.try_readwrite().map_err(|e| busy("k_caches", e))?);
+        vs.push(v.try_readwrite().map_err(|e| busy("v_caches", e))?);
+    }
+    let xs = xs.try_readwrite().map_err(|e| invalid("xs", format!("cannot write the array in place ({e})")))?;
+    Ok(StepArgs { xs, cos, sin, ks, vs, positions: pos })
+}
+
+fn exec() -> Result<decode::Exec> {
+    Ok(decode::Exec { isa: kernels::active_isa()?, threads: pool::global()?.threads() })
+}
+
+/// The decode step of one transformer layer, built once from its parts (the matrices are shared).
+///
+/// Args:
+///     attn_norm, ffn_norm: float32 [D].  qkv: TernaryMatrix [(H + 2 KVH) hd, D] (q, k, v rows);
+///     o: [D, H hd];  gate_up: [2 F, D] (gate rows, then up);  down: [D, F].
+///     n_heads, n_kv_heads: H, KVH.  eps: RMSNorm epsilon.  scale: attention score scale.
+///     attn_sub_norm [H hd], ffn_sub_norm [F]: optional.  attn_mhc, ffn_mhc: optional
+///     (h_pre [n], h_post [n], h_res [n, n]) float32 tuples (both or neither).
+#[pyclass(name = "DecodeLayer", module = "nanochat._ternary", frozen)]
+pub struct PyDecodeLayer {
+    inner: Arc<decode::DecodeLayer>,
+}
+
+type MhcArgs<'py> = Option<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)>;
+
+#[pymethods]
+impl PyDecodeLayer {
+    #[new]
+    #[pyo3(signature = (attn_norm, qkv, o, ffn_norm, gate_up, down, n_heads, n_kv_heads, eps, scale,
+                        attn_sub_norm = None, ffn_sub_norm = None, attn_mhc = None, ffn_mhc = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new<'py>(
+        attn_norm: &Bound<'py, PyAny>,
+        qkv: &Bound<'py, PyTernaryMatrix>,
+        o: &Bound<'py, PyTernaryMatrix>,
+        ffn_norm: &Bound<'py, PyAny>,
+        gate_up: &Bound<'py, PyTernaryMatrix>,
+        down: &Bound<'py, PyTernaryMatrix>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        eps: f32,
+        scale: f32,
+        attn_sub_norm: Option<&Bound<'py, PyAny>>,
+        ffn_sub_norm: Option<&Bound<'py, PyAny>>,
+        attn_mhc: MhcArgs<'py>,
+        ffn_mhc: MhcArgs<'py>,
+    ) -> PyResult<Self> {
+        let parts = decode::LayerParts {
+            attn_norm: read_array::<f32>("attn_norm", attn_norm, &[1], "float32")?.data,
+            qkv: qkv.get().inner.clone(),
+            o: o.get().inner.clone(),
+            attn_sub_norm: read_vec("attn_sub_norm", attn_sub_norm)?,
+            attn_mhc: read_mhc("attn_mhc", attn_mhc)?,
+            ffn_norm: read_array::<f32>("ffn_norm", ffn_norm, &[1], "float32")?.data,
+            gate_up: gate_up.get().inner.clone(),
+            down: down.get().inner.clone(),
+            ffn_sub_norm: read_vec("ffn_sub_norm", ffn_sub_norm)?,
+            ffn_mhc: read_mhc("ffn_mhc", ffn_mhc)?,
+            n_heads,
+            n_kv_heads,
+            eps,
+            scale,
+        };
+        Ok(PyDecodeLayer { inner: Arc::new(decode::DecodeLayer::new(parts)?) })
+    }
+
+    /// Run the layer for B new tokens, in place on xs float32 [n_streams, B, D]: cos/sin [B, hd] are the
+    /// tokens' RoPE rows; k_caches/v_caches hold one [KVH, capacity, hd] array per sequence (this layer's
+    /// cache; the new k and v are written at positions[i], attention covers 0..=positions[i]).
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        xs: &Bound<'py, PyAny>,
+        cos: &Bound<'py, PyAny>,
+        sin: &Bound<'py, PyAny>,
+        k_caches: Vec<Bound<'py, PyAny>>,
+        v_caches: Vec<Bound<'py, PyAny>>,
+        positions: Vec<i64>,
+    ) -> PyResult<()> {
+        let layer = &self.inner;
+        let mut a = step_args(layer, &[layer.n_kv_heads()], xs, cos, sin, &k_caches, &v_caches, &positions)?;
+        let ex = exec()?;
+        let rope = decode::Rope { cos: slice_of("cos", &a.cos)?, sin: slice_of("sin", &a.sin)? };
+        let xs = a.xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
+        let mut caches = Vec::with_capacity(a.positions.len());
+        for ((k, v), &pos) in a.ks.iter_mut().zip(a.vs.iter_mut()).zip(&a.positions) {
+            let k = k.as_slice_mut().map_err(|_| invalid("k_caches", "not C-contiguous"))?;
+            let v = v.as_slice_mut().map_err(|_| invalid("v_caches", "not C-contiguous"))?;
+            caches.push(decode::SeqCache { k, v, pos });
+        }
+        py.detach(|| layer.step(xs, &rope, &mut caches, ex))?;
+        Ok(())
+    }
+}
+
+/// Every layer's decode step, the stream mean, the output norm and the int8 head: one call per step.
+///
+/// Args:
+///     layers: the DecodeLayer of each layer, in order.  output_norm: float32 [D].  head: Int8Matrix [V, D].
+#[pyclass(name = "DecodeModel", module = "nanochat._ternary", frozen)]
+pub struct PyDecodeModel {
+    inner: Arc<decode::DecodeModel>,
+}
+
+#[pymethods]
+impl PyDecodeModel {
+    #[new]
+    fn new(
+        layers: Vec<Bound<'_, PyDecodeLayer>>,
+        output_norm: &Bound<'_, PyAny>,
+        head: &Bound<'_, PyInt8Matrix>,
+    ) -> PyResult<Self> {
+        let layers = layers.iter().map(|l| l.get().inner.clone()).collect();
+        let output_norm = read_array::<f32>("output_norm", output_norm, &[1], "float32")?.data;
+        let model = decode::DecodeModel::new(layers, output_norm, head.get().inner.clone())?;
+        Ok(PyDecodeModel { inner: Arc::new(model) })
+    }
+
+    /// One decode step for B sequences: xs float32 [n_streams, B, D] (the new tokens' embeddings in every
+    /// stream; overwritten), cos/sin [B, hd], one [L, KVH, capacity, hd] k and v cache per sequence, the
+    /// new tokens' positions -> logits float32 [B, V].
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        xs: &Bound<'py, PyAny>,
+        cos: &Bound<'py, PyAny>,
+        sin: &Bound<'py, PyAny>,
+        k_caches: Vec<Bound<'py, PyAny>>,
+        v_caches: Vec<Bound<'py, PyAny>>,
+        positions: Vec<i64>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let model = &self.inner;
+        let first = &model.layers()[0];
+        let lead = [model.layers().len(), first.n_kv_heads()];
+        let mut a = step_args(first, &lead, xs, cos, sin, &k_caches, &v_caches, &positions)?;
+        let ex = exec()?;
+        let rope = decode::Rope { cos: slice_of("cos", &a.cos)?, sin: slice_of("sin", &a.sin)? };
+        let xs = a.xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
+        let mut caches = Vec::with_capacity(a.positions.len());
+        for ((k, v), &pos) in a.ks.iter_mut().zip(a.vs.iter_mut()).zip(&a.positions) {
+            let k = k.as_slice_mut().map_err(|_| invalid("k_caches", "not C-contiguous"))?;
+            let v = v.as_slice_mut().map_err(|_| invalid("v_caches", "not C-contiguous"))?;
+            caches.push(decode::ModelCache { k, v, pos });
+        }
+        let b = caches.len();
+        let logits = py.detach(|| model.step(xs, &rope, &mut caches, ex))?;
+        to_2d(py, logits, b, model.vocab())
+    }
+
+    /// Seconds spent in each stage of the steps so far (qkv, attention, o, gate_up, down, head, and the
+    /// norms/mHC/SiLU between them), summed over layers: the native share of decode time.
+    fn times(&self) -> Vec<(&'static str, f64)> {
+        decode::STAGES.iter().copied().zip(self.inner.seconds()).collect()
+    }
+
+    fn reset_times(&self) {
+        self.inner.reset_times();
+    }
+}
+
 /// The kernel path in use: "avx512vnni", "avx512bw", "avx2" or "scalar" (NANOCHAT_TERNARY_ISA forces one).
 #[pyfunction]
 fn active_isa() -> PyResult<&'static str> {
@@ -436,11 +746,15 @@ fn num_threads() -> PyResult<usize> {
 fn _ternary(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTernaryMatrix>()?;
     m.add_class::<PyInt8Matrix>()?;
+    m.add_class::<PyDecodeLayer>()?;
+    m.add_class::<PyDecodeModel>()?;
     m.add_function(wrap_pyfunction!(quantize_activations, m)?)?;
     m.add_function(wrap_pyfunction!(active_isa, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm, m)?)?;
     m.add_function(wrap_pyfunction!(silu_mul, m)?)?;
     m.add_function(wrap_pyfunction!(attend_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(mhc_read, m)?)?;
+    m.add_function(wrap_pyfunction!(mhc_write, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())

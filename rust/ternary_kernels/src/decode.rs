@@ -1,0 +1,414 @@
+//! The decode step of a transformer: B sequences, one new token each, through a layer (or the whole
+//! model) in one call, so Python pays one call per step instead of ~13 per layer.
+//!
+//! A `DecodeLayer` is built once from the layer's packed matrices (shared, not copied), its norms and
+//! its mHC matrices; `step` runs attention and FFN in place on the residual streams xs [n, B, D]
+//! (python/nanochat/engine/model.py, docs/contracts.md):
+//!
+//! ```text
+//! u = mhc_read(xs)  h = rms_norm(u)  qkv = W_qkv h  a = attend_decode(qkv) per sequence
+//! y = W_o subnorm?(a)  xs = mhc_write(xs, y)          (then the same with gate_up, silu_mul, down)
+//! ```
+//!
+//! Every piece is the function the prefill path calls (layer_ops.rs, ops.rs), row for row, so a
+//! decoded token gets the same residual stream as the same token in a prefill; only attention
+//! differs in summation order (as before). `DecodeModel` chains the layers, then the stream mean,
+//! the output norm and the int8 head. Each stage's time is summed for benches/bench_engine.py.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{invalid, Result};
+use crate::kernels::Isa;
+use crate::layer_ops::{self, AttnShape};
+use crate::ops;
+use crate::pack::{PackedInt8, PackedTernary};
+
+/// The stages `StageTimes` tells apart, in report order.
+pub const STAGES: [&str; 7] = ["qkv", "attention", "o", "gate_up", "down", "head", "norms, mHC, SiLU"];
+const QKV: usize = 0;
+const ATTENTION: usize = 1;
+const O: usize = 2;
+const GATE_UP: usize = 3;
+const DOWN: usize = 4;
+const HEAD: usize = 5;
+const ELEMENTWISE: usize = 6;
+
+/// Nanoseconds spent in each stage, summed over calls (atomics: a step may run on any thread).
+#[derive(Default)]
+pub struct StageTimes {
+    ns: [AtomicU64; STAGES.len()],
+}
+
+impl StageTimes {
+    fn add(&self, stage: usize, since: Instant) -> Instant {
+        let now = Instant::now();
+        self.ns[stage].fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+        now
+    }
+
+    /// Seconds per stage, in STAGES order.
+    pub fn seconds(&self) -> Vec<f64> {
+        self.ns.iter().map(|ns| ns.load(Ordering::Relaxed) as f64 * 1e-9).collect()
+    }
+
+    pub fn reset(&self) {
+        self.ns.iter().for_each(|ns| ns.store(0, Ordering::Relaxed));
+    }
+}
+
+/// One sublayer's mHC matrices: h_pre [n], h_post [n], h_res [n, n] row-major.
+pub struct Mhc {
+    pub h_pre: Vec<f32>,
+    pub h_post: Vec<f32>,
+    pub h_res: Vec<f32>,
+}
+
+/// Everything of one layer the decode step reads. Norm weights are f32 [D] (sub-norms [H hd], [F]).
+pub struct LayerParts {
+    pub attn_norm: Vec<f32>,
+    pub qkv: Arc<PackedTernary>,
+    pub o: Arc<PackedTernary>,
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub attn_mhc: Option<Mhc>,
+    pub ffn_norm: Vec<f32>,
+    pub gate_up: Arc<PackedTernary>,
+    pub down: Arc<PackedTernary>,
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    pub ffn_mhc: Option<Mhc>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub eps: f32,
+    /// Attention score scale, 1 / sqrt(head_dim) in the model.
+    pub scale: f32,
+}
+
+/// One sequence's KV cache for this layer: k and v [KVH, capacity, hd], and where the new token goes.
+pub struct SeqCache<'a> {
+    pub k: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub pos: usize,
+}
+
+/// RoPE rows of the new tokens: full-width cos and sin [B, hd] (model.py's tables).
+pub struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// Kernel path and thread count for the matmuls (ops.rs schedules them).
+#[derive(Clone, Copy)]
+pub struct Exec {
+    pub isa: Isa,
+    pub threads: usize,
+}
+
+pub struct DecodeLayer {
+    p: LayerParts,
+    dim: usize,
+    head_dim: usize,
+    streams: usize,
+    pub times: StageTimes,
+}
+
+fn check_len(arg: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
+    if got != want {
+        return Err(invalid(arg, format!("expected {want} values ({what}), got {got}")));
+    }
+    Ok(())
+}
+
+fn check_mhc(arg: &'static str, mhc: &Option<Mhc>) -> Result<usize> {
+    let Some(m) = mhc else { return Ok(1) };
+    let n = m.h_pre.len();
+    if n == 0 || m.h_post.len() != n || m.h_res.len() != n * n {
+        return Err(invalid(
+            arg,
+            format!(
+                "expected h_pre [n], h_post [n], h_res [n, n] with n > 0, got {}, {}, {} values",
+                n,
+                m.h_post.len(),
+                m.h_res.len()
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+impl DecodeLayer {
+    /// Check that the parts fit together (every message names the part, expected vs got).
+    pub fn new(p: LayerParts) -> Result<DecodeLayer> {
+        let dim = p.attn_norm.len();
+        let (h, kvh) = (p.n_heads, p.n_kv_heads);
+        if dim == 0 || kvh == 0 || h == 0 || !h.is_multiple_of(kvh) {
+            return Err(invalid(
+                "n_heads",
+                format!("expected n_heads a positive multiple of n_kv_heads and D > 0, got {h}, {kvh}, D = {dim}"),
+            ));
+        }
+        let qkv = p.qkv.shape;
+        if qkv.cols != dim || !qkv.rows.is_multiple_of(h + 2 * kvh) || !(qkv.rows / (h + 2 * kvh)).is_multiple_of(2) {
+            return Err(invalid(
+                "qkv",
+                format!(
+                    "expected [(n_heads + 2 n_kv_heads) hd, D] = [{} x even hd, {dim}], got [{}, {}]",
+                    h + 2 * kvh,
+                    qkv.rows,
+                    qkv.cols
+                ),
+            ));
+        }
+        let head_dim = qkv.rows / (h + 2 * kvh);
+        let shape = |arg: &'static str, m: &PackedTernary, rows: usize, cols: usize| -> Result<()> {
+            if m.shape.rows != rows || m.shape.cols != cols {
+                return Err(invalid(
+                    arg,
+                    format!("expected [{rows}, {cols}], got [{}, {}]", m.shape.rows, m.shape.cols),
+                ));
+            }
+            Ok(())
+        };
+        shape("o", &p.o, dim, h * head_dim)?;
+        let ffn = p.gate_up.shape.rows / 2;
+        if p.gate_up.shape.cols != dim || !p.gate_up.shape.rows.is_multiple_of(2) {
+            return Err(invalid(
+                "gate_up",
+                format!(
+                    "expected [2 F, {dim}] (gate rows then up rows), got [{}, {}]",
+                    p.gate_up.shape.rows, p.gate_up.shape.cols
+                ),
+            ));
+        }
+        shape("down", &p.down, dim, ffn)?;
+        check_len("ffn_norm", p.ffn_norm.len(), dim, "D, attn_norm's length")?;
+        if let Some(w) = &p.attn_sub_norm {
+            check_len("attn_sub_norm", w.len(), h * head_dim, "n_heads x head_dim")?;
+        }
+        if let Some(w) = &p.ffn_sub_norm {
+            check_len("ffn_sub_norm", w.len(), ffn, "F, half of gate_up's rows")?;
+        }
+        let streams = check_mhc("attn_mhc", &p.attn_mhc)?;
+        if check_mhc("ffn_mhc", &p.ffn_mhc)? != streams {
+            return Err(invalid("ffn_mhc", format!("expected the same stream count as attn_mhc ({streams})")));
+        }
+        Ok(DecodeLayer { p, dim, head_dim, streams, times: StageTimes::default() })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn n_kv_heads(&self) -> usize {
+        self.p.n_kv_heads
+    }
+
+    /// n, the residual streams (1: plain residual).
+    pub fn streams(&self) -> usize {
+        self.streams
+    }
+
+    /// The normed sublayer input [B, D] from the streams xs [n, B, D].
+    fn read_norm(&self, xs: &[f32], mhc: &Option<Mhc>, weight: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; xs.len() / self.streams];
+        match mhc {
+            None => layer_ops::rms_norm(xs, weight, self.p.eps, &mut out)?,
+            Some(m) => {
+                let mut u = vec![0f32; out.len()];
+                layer_ops::mhc_read(xs, &m.h_pre, &mut u)?;
+                layer_ops::rms_norm(&u, weight, self.p.eps, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sublayer output y [B, D] back into the streams (plain residual: xs += y, as numpy's xs + y).
+    fn write(xs: &mut [f32], y: &[f32], mhc: &Option<Mhc>) -> Result<()> {
+        match mhc {
+            None => xs.iter_mut().zip(y).for_each(|(x, &v)| *x += v),
+            Some(m) => layer_ops::mhc_write(xs, y, &m.h_res, &m.h_post)?,
+        }
+        Ok(())
+    }
+
+    fn sub_norm(&self, x: Vec<f32>, weight: &Option<Vec<f32>>) -> Result<Vec<f32>> {
+        let Some(w) = weight else { return Ok(x) };
+        let mut out = vec![0f32; x.len()];
+        layer_ops::rms_norm(&x, w, self.p.eps, &mut out)?;
+        Ok(out)
+    }
+
+    /// Run the layer for B = caches.len() new tokens, in place on xs [n, B, D].
+    pub fn step(&self, xs: &mut [f32], rope: &Rope, caches: &mut [SeqCache], ex: Exec) -> Result<()> {
+        let (b, d, hd, p) = (caches.len(), self.dim, self.head_dim, &self.p);
+        check_len("xs", xs.len(), self.streams * b * d, "[n_streams, B, D]")?;
+        check_len("cos", rope.cos.len(), b * hd, "[B, head_dim]")?;
+        check_len("sin", rope.sin.len(), b * hd, "[B, head_dim]")?;
+        let q_dim = p.n_heads * hd;
+        let times = &self.times;
+        let t = Instant::now();
+        let h = self.read_norm(xs, &p.attn_mhc, &p.attn_norm)?;
+        let t = times.add(ELEMENTWISE, t);
+        let qkv = ops::ternary_matmul(&p.qkv, &h, b, ex.isa, ex.threads)?;
+        let t = times.add(QKV, t);
+        let mut att = vec![0f32; b * q_dim];
+        let qkv_dim = p.qkv.shape.rows;
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let shape = AttnShape {
+                n_heads: p.n_heads,
+                n_kv_heads: p.n_kv_heads,
+                head_dim: hd,
+                capacity: cache.k.len() / (p.n_kv_heads * hd),
+            };
+            layer_ops::attend_decode(
+                shape,
+                &qkv[i * qkv_dim..(i + 1) * qkv_dim],
+                &rope.cos[i * hd..(i + 1) * hd],
+                &rope.sin[i * hd..(i + 1) * hd],
+                cache.k,
+                cache.v,
+                cache.pos,
+                p.scale,
+                &mut att[i * q_dim..(i + 1) * q_dim],
+            )?;
+        }
+        let t = times.add(ATTENTION, t);
+        let att = self.sub_norm(att, &p.attn_sub_norm)?;
+        let t = times.add(ELEMENTWISE, t);
+        let y = ops::ternary_matmul(&p.o, &att, b, ex.isa, ex.threads)?;
+        let t = times.add(O, t);
+        Self::write(xs, &y, &p.attn_mhc)?;
+        let h = self.read_norm(xs, &p.ffn_mhc, &p.ffn_norm)?;
+        let t = times.add(ELEMENTWISE, t);
+        let gu = ops::ternary_matmul(&p.gate_up, &h, b, ex.isa, ex.threads)?;
+        let t = times.add(GATE_UP, t);
+        let ffn = p.gate_up.shape.rows / 2;
+        let mut a = vec![0f32; b * ffn];
+        layer_ops::silu_mul(&gu, ffn, &mut a)?;
+        let a = self.sub_norm(a, &p.ffn_sub_norm)?;
+        let t = times.add(ELEMENTWISE, t);
+        let y = ops::ternary_matmul(&p.down, &a, b, ex.isa, ex.threads)?;
+        let t = times.add(DOWN, t);
+        Self::write(xs, &y, &p.ffn_mhc)?;
+        times.add(ELEMENTWISE, t);
+        Ok(())
+    }
+}
+
+/// All layers, then the stream mean, the output norm and the head: one call per decode step.
+pub struct DecodeModel {
+    layers: Vec<Arc<DecodeLayer>>,
+    output_norm: Vec<f32>,
+    head: Arc<PackedInt8>,
+    pub times: StageTimes,
+}
+
+/// One sequence's whole KV cache: k and v [L, KVH, capacity, hd], and where the new token goes.
+pub struct ModelCache<'a> {
+    pub k: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub pos: usize,
+}
+
+impl DecodeModel {
+    pub fn new(layers: Vec<Arc<DecodeLayer>>, output_norm: Vec<f32>, head: Arc<PackedInt8>) -> Result<DecodeModel> {
+        let Some(first) = layers.first() else {
+            return Err(invalid("layers", "expected at least one layer, got none"));
+        };
+        let (d, hd, kvh, n) = (first.dim, first.head_dim, first.p.n_kv_heads, first.streams);
+        for l in &layers {
+            if (l.dim, l.head_dim, l.p.n_kv_heads, l.streams) != (d, hd, kvh, n) {
+                return Err(invalid(
+                    "layers",
+                    format!(
+                        "expected every layer with D {d}, head_dim {hd}, {kvh} kv heads, {n} streams (as the first), \
+                         got {}, {}, {}, {}",
+                        l.dim, l.head_dim, l.p.n_kv_heads, l.streams
+                    ),
+                ));
+            }
+        }
+        check_len("output_norm", output_norm.len(), d, "D")?;
+        if head.shape.cols != d {
+            return Err(invalid("head", format!("expected [V, {d}], got [{}, {}]", head.shape.rows, head.shape.cols)));
+        }
+        Ok(DecodeModel { layers, output_norm, head, times: StageTimes::default() })
+    }
+
+    pub fn layers(&self) -> &[Arc<DecodeLayer>] {
+        &self.layers
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.head.shape.rows
+    }
+
+    /// Run every layer on xs [n, B, D] (in place), then return logits [B, V].
+    pub fn step(&self, xs: &mut [f32], rope: &Rope, caches: &mut [ModelCache], ex: Exec) -> Result<Vec<f32>> {
+        let first = &self.layers[0];
+        let (n, b, d) = (first.streams, caches.len(), first.dim);
+        let layer_len = first.p.n_kv_heads * first.head_dim;
+        let n_layers = self.layers.len();
+        for (i, c) in caches.iter().enumerate() {
+            if c.k.len() != c.v.len() || c.k.is_empty() || !c.k.len().is_multiple_of(n_layers * layer_len) {
+                return Err(invalid(
+                    "k_caches",
+                    format!(
+                        "sequence {i}: expected k and v [{n_layers}, {}, capacity, {}], got {} and {} values",
+                        first.p.n_kv_heads,
+                        first.head_dim,
+                        c.k.len(),
+                        c.v.len()
+                    ),
+                ));
+            }
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut views: Vec<SeqCache> = caches
+                .iter_mut()
+                .map(|c| {
+                    let per_layer = c.k.len() / n_layers;
+                    SeqCache {
+                        k: &mut c.k[li * per_layer..(li + 1) * per_layer],
+                        v: &mut c.v[li * per_layer..(li + 1) * per_layer],
+                        pos: c.pos,
+                    }
+                })
+                .collect();
+            layer.step(xs, rope, &mut views, ex)?;
+        }
+        let t = Instant::now();
+        // the stream mean as an mHC read with weights 1/n (the prefill path calls the same)
+        let x = if n == 1 {
+            xs.to_vec()
+        } else {
+            let mut mean = vec![0f32; b * d];
+            layer_ops::mhc_read(xs, &vec![1.0 / n as f32; n], &mut mean)?;
+            mean
+        };
+        let mut normed = vec![0f32; b * d];
+        layer_ops::rms_norm(&x, &self.output_norm, first.p.eps, &mut normed)?;
+        let t = self.times.add(ELEMENTWISE, t);
+        let logits = ops::int8_matmul(&self.head, &normed, b, ex.isa, ex.threads)?;
+        self.times.add(HEAD, t);
+        Ok(logits)
+    }
+
+    /// Seconds per stage over the layers and the head, in STAGES order.
+    pub fn seconds(&self) -> Vec<f64> {
+        let mut total = self.times.seconds();
+        for l in &self.layers {
+            total.iter_mut().zip(l.times.seconds()).for_each(|(t, s)| *t += s);
+        }
+        total
+    }
+
+    pub fn reset_times(&self) {
+        self.times.reset();
+        self.layers.iter().for_each(|l| l.times.reset());
+    }
+}
