@@ -1,11 +1,13 @@
 """Continuous batching: many requests decoded together by one background thread.
 
-Each step the thread (1) admits waiting requests up to `max_batch` active sequences, prefilling each
-new prompt (one GEMM pass per prompt) and streaming its first token, then (2) runs one decode step
-for all active sequences at once: their last tokens form one [B, D] batch through every linear,
-while attention uses each sequence's own KV cache and position. Finished and cancelled sequences
-leave between steps; new ones join between steps. The waiting queue is bounded: `submit` raises
-`QueueFull` rather than letting latency grow without limit.
+Each step the thread admits waiting requests up to `max_batch` active sequences, then runs ONE
+forward pass for everybody: the whole prompt of each newly admitted request (its prefill) and the
+last sampled token of each running one. All those tokens go through every linear as one batch,
+while attention uses each sequence's own KV cache and position; every sequence then samples one
+token and streams it. A new prompt thus costs the running sequences one longer step, not a
+separate pass per prompt. Finished and cancelled sequences leave between steps; new ones join
+between steps. The waiting queue is bounded: `submit` raises `QueueFull` rather than letting
+latency grow without limit.
 
 A `Request` is an iterator of TokenEvents (blocking); `cancel()` stops it, e.g. when the client
 disconnects. Errors inside the engine end the affected requests with the exception re-raised to
@@ -35,7 +37,7 @@ class Request:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams):
         self.prompt_ids, self.params = prompt_ids, params
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # C-implemented: cheaper puts than queue.Queue
         self.cancelled = threading.Event()
         self.submitted_at = time.monotonic()
         self.sequence: Sequence | None = None
@@ -110,52 +112,48 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     return
-                # cancelled requests still waiting leave now, not when a batch slot frees up
+                # cancelled requests leave now: waiting ones without waiting for a slot, active ones before the step
                 if any(r.cancelled.is_set() for r in self._waiting):
                     self._waiting = collections.deque(r for r in self._waiting if not self._retire_if_cancelled(r))
+                self._active = [r for r in self._active if not self._retire_if_cancelled(r)]
                 admitted = []
                 while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
-            for req in admitted:
-                self._prefill(req)
-            self._decode_step()
+                running = list(self._active)
+            self._step([r for r in admitted if self._start(r)], running)
 
-    def _prefill(self, req: Request) -> None:
-        if req.cancelled.is_set():
-            req.events.put(_END)
-            return
+    def _start(self, req: Request) -> bool:
+        """Give an admitted request its sequence (KV cache, sampler); False if it ended instead."""
+        if self._retire_if_cancelled(req):
+            return False
         try:
-            seq = self.engine.new_sequence(req.prompt_ids, req.params)
-            logits = self.engine.model.forward([(seq.next_tokens(), seq.cache)])
-            req.sequence = seq
-            event = seq.consume(logits[0])
+            req.sequence = self.engine.new_sequence(req.prompt_ids, req.params)
         except Exception as e:  # noqa: BLE001 - the consumer gets the error, the loop goes on
             req.events.put(e)
             req.events.put(_END)
-            return
-        if not seq.finished:  # active before its first event is seen, so stats() never lags the stream
-            with self._cond:
-                self._active.append(req)
-        self._emit(req, event)
+            return False
+        return True
 
-    def _decode_step(self) -> None:
-        with self._cond:
-            self._active = [r for r in self._active if not self._retire_if_cancelled(r)]
-            batch = list(self._active)
+    def _step(self, new: list[Request], running: list[Request]) -> None:
+        """One forward pass for everybody: the prompts of the new requests and the last token of each running one
+        (a separate prefill pass per new prompt would stall every running sequence for its whole length)."""
+        batch = new + running
         if not batch:
             return
         try:
             logits = self.engine.model.forward([(r.sequence.next_tokens(), r.sequence.cache) for r in batch])
-            for req, row in zip(batch, logits):
-                self._emit(req, req.sequence.consume(row))
+            events = [r.sequence.consume(row) for r, row in zip(batch, logits)]
         except Exception as e:  # noqa: BLE001
             for req in batch:
-                req.events.put(e)
                 req.sequence.finish_reason = "error"
+                req.events.put(e)
                 req.events.put(_END)
-        with self._cond:
+            events = []
+        with self._cond:  # before the events go out, so stats() never lags what a consumer has seen
             self.steps += 1
-            self._active = [r for r in self._active if not r.sequence.finished]
+            self._active = [r for r in self._active + new if not r.sequence.finished]
+        for req, ev in zip(batch, events):
+            self._emit(req, ev)
 
     def _emit(self, req: Request, ev: TokenEvent) -> None:
         self.tokens_generated += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from nanochat.engine.model import KVCache
-from nanochat.engine.sampling import Sampler, SamplingParams, TextStream, TokenEvent, log_softmax
+from nanochat.engine.sampling import Sampler, SamplingParams, TextStream, TokenEvent
 
 
 class Sequence:
@@ -40,12 +40,9 @@ class Sequence:
         sampler.record(token)
         self.generated.append(token)
         logprob = top = None
-        if p.logprobs is not None:
-            lsm = log_softmax(logits.astype(np.float64))
-            logprob = float(lsm[token])
-            if p.logprobs > 0:
-                best = np.argpartition(-lsm, p.logprobs - 1)[:p.logprobs]
-                top = {self.token_text(int(i)): float(lsm[i]) for i in best[np.argsort(-lsm[best])]}
+        if p.logprobs is not None:  # the only place that needs the whole log-softmax
+            logprob, best = sampler.logprobs(logits, token, p.logprobs)
+            top = {self.token_text(i): lp for i, lp in best} if p.logprobs > 0 else None
         if token in self.stop_ids:
             text, self.finish_reason = self.text.flush(), "stop"  # a control token ends the reply, unprinted
         else:
