@@ -167,16 +167,42 @@ def prefill_speed(engine: Engine, prompt: list[int], repeats: int) -> float:
     return len(prompt) / best
 
 
-def scheduler_speed(engine: Engine, prompts: list[list[int]], n: int) -> float:
-    """Aggregate generated tokens/s of len(prompts) concurrent requests (greedy, n tokens each)."""
+def scheduler_speed(engine: Engine, prompts: list[list[int]], n: int, temperature: float = 0.0) -> tuple[float, float]:
+    """(aggregate generated tokens/s of len(prompts) concurrent requests of n tokens each, share of that wall time
+    spent in the model's forward passes; the rest is sampling, streaming and the scheduler loop)."""
     sched = Scheduler(engine, max_batch=len(prompts), max_queue=len(prompts))
+    model, in_forward = engine.model, [0.0]
+
+    def timed_forward(seqs, all_logits=False):
+        t0 = time.perf_counter()
+        out = type(model).forward(model, seqs, all_logits)
+        in_forward[0] += time.perf_counter() - t0
+        return out
+    model.forward = timed_forward  # an instance attribute shadows the method for this run only
     try:
         t0 = time.perf_counter()
-        reqs = [sched.submit(p, SamplingParams(temperature=0, max_tokens=n)) for p in prompts]
+        reqs = [sched.submit(p, SamplingParams(temperature=temperature, max_tokens=n, seed=i))
+                for i, p in enumerate(prompts)]
         count = sum(len(list(r)) for r in reqs)
-        return count / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        return count / elapsed, in_forward[0] / elapsed
     finally:
         sched.close()
+        del model.forward
+
+
+def scheduler_speeds(engine: Engine, prompt: list[int], sizes: list[int], n: int, temperature: float,
+                     rng: np.random.Generator) -> dict[int, tuple[float, float]]:
+    """scheduler_speed for 1 and each batch size, best of two rounds, interleaved: the machine is shared and its load drifts."""
+    vocab = engine.config.vocab_size
+    prompts = {b: [prompt] if b == 1 else [[int(t) for t in rng.integers(4, vocab, 16)] for _ in range(b)]
+               for b in sorted({1, *sizes})}
+    best: dict[int, tuple[float, float]] = {}
+    for _ in range(2):
+        for b, ps in prompts.items():
+            speed = scheduler_speed(engine, ps, n, temperature)
+            best[b] = max(best.get(b, (0.0, 0.0)), speed)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +262,10 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128, help="decode steps to time")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill")
     parser.add_argument("--batch", type=int, default=8, help="concurrent sequences for the aggregate figure")
+    parser.add_argument("--batch-sizes", type=lambda v: [int(b) for b in v.split(",") if b], default=[],
+                        help="more concurrent-sequence counts to report through the scheduler, e.g. 2,4")
+    parser.add_argument("--scheduler-temperature", type=float, default=0.0,
+                        help="sampling temperature of the scheduler runs (0 = greedy; the server's default is 1)")
     parser.add_argument("--torch-threads", type=int, default=-1, help="PyTorch threads (-1 = all cores)")
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch fp32 baseline")
     parser.add_argument("--schedule", default="dynamic", choices=["dynamic", "pinned"],
@@ -275,13 +305,13 @@ def main() -> None:
     results["prefill"] = prefill_speed(engine, long_prompt, repeats=2)
     print(f"prefill ({len(long_prompt)} tokens): {results['prefill']:.1f} tok/s")
     n = max(16, args.decode_tokens // 2)
-    prompts = [[int(t) for t in rng.integers(4, vocab, 16)] for _ in range(args.batch)]
-    one, many = 0.0, 0.0
-    for _ in range(2):  # best of two, interleaved: the machine is shared and its load drifts
-        one = max(one, scheduler_speed(engine, [prompt], n))
-        many = max(many, scheduler_speed(engine, prompts, n))
-    print(f"scheduler aggregate: 1 sequence {one:.1f} tok/s, {args.batch} sequences {many:.1f} tok/s "
-          f"({many / one:.2f}x)")
+    sizes = sorted({args.batch, *args.batch_sizes})
+    speeds = scheduler_speeds(engine, prompt, sizes, n, args.scheduler_temperature, rng)
+    one = speeds[1][0]
+    print(f"scheduler aggregate: 1 sequence {one:.1f} tok/s, {args.batch} sequences {speeds[args.batch][0]:.1f} tok/s "
+          f"({speeds[args.batch][0] / one:.2f}x)")
+    print("  by batch size (tok/s, x single, share of time in forward passes): " + ", ".join(
+        f"{b}: {tps:.1f} ({tps / one:.2f}x, {share:.0%})" for b, (tps, share) in speeds.items()))
     if torch_model is None and not args.skip_torch:
         print("(PyTorch baseline needs the model: run without --model to build one)")
     elif torch_model is not None and not args.skip_torch:
