@@ -1,13 +1,14 @@
 """Continuous batching: many requests decoded together by one background thread.
 
 Each step the thread admits waiting requests up to `max_batch` active sequences, then runs ONE
-forward pass for everybody: the whole prompt of each newly admitted request (its prefill) and the
-last sampled token of each running one. All those tokens go through every linear as one batch,
-while attention uses each sequence's own KV cache and position; every sequence then samples one
-token and streams it. A new prompt thus costs the running sequences one longer step, not a
-separate pass per prompt. Finished and cancelled sequences leave between steps; new ones join
-between steps. The waiting queue is bounded: `submit` raises `QueueFull` rather than letting
-latency grow without limit.
+forward pass for everybody: the last sampled token of each decoding sequence, plus up to
+`PREFILL_TOKENS_PER_STEP` prompt tokens of the sequences still being prefilled (a long prompt is
+read over several steps, in admission order). All those tokens go through every linear as one batch,
+while attention uses each sequence's own KV cache and position; each sequence that read its last
+token (decode, or the end of its prompt) then samples one token and streams it. So a new prompt
+costs the running sequences a somewhat longer step, never a pause for a whole prefill of its own.
+Finished and cancelled sequences leave between steps; new ones join between steps. The waiting
+queue is bounded: `submit` raises `QueueFull` rather than letting latency grow without limit.
 
 A `Request` is an iterator of TokenEvents (blocking); `cancel()` stops it, e.g. when the client
 disconnects. Errors inside the engine end the affected requests with the exception re-raised to
@@ -26,6 +27,9 @@ from nanochat.engine.sampling import SamplingParams, TokenEvent
 from nanochat.engine.sequence import Sequence
 
 _END = object()  # end-of-stream marker in a request's event queue
+# prompt tokens read per step (the forward pass's GEMMs run 64 rows at a time anyway): bounds how long
+# the decoding sequences wait when a long prompt arrives
+PREFILL_TOKENS_PER_STEP = 128
 
 
 class QueueFull(RuntimeError):
@@ -119,8 +123,11 @@ class Scheduler:
                 admitted = []
                 while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
-                running = list(self._active)
-            self._step([r for r in admitted if self._start(r)], running)
+            started = [r for r in admitted if self._start(r)]
+            with self._cond:
+                self._active += started  # active from admission on, so stats() never lags the stream
+                batch = list(self._active)
+            self._step(batch)
 
     def _start(self, req: Request) -> bool:
         """Give an admitted request its sequence (KV cache, sampler); False if it ended instead."""
@@ -134,25 +141,37 @@ class Scheduler:
             return False
         return True
 
-    def _step(self, new: list[Request], running: list[Request]) -> None:
-        """One forward pass for everybody: the prompts of the new requests and the last token of each running one
-        (a separate prefill pass per new prompt would stall every running sequence for its whole length)."""
-        batch = new + running
-        if not batch:
+    @staticmethod
+    def _plan(batch: list[Request]) -> list[tuple[Request, list[int], bool]]:
+        """(request, tokens to read, whether it samples after them) for this step's forward pass."""
+        plan, budget = [], PREFILL_TOKENS_PER_STEP
+        for req in batch:
+            seq = req.sequence
+            if seq.generated:
+                plan.append((req, seq.next_tokens(), True))
+            elif budget > 0:
+                tokens = seq.next_tokens(budget)
+                budget -= len(tokens)
+                plan.append((req, tokens, seq.cache.length + len(tokens) == len(seq.prompt)))
+        return plan
+
+    def _step(self, batch: list[Request]) -> None:
+        plan = self._plan(batch)
+        if not plan:
             return
         try:
-            logits = self.engine.model.forward([(r.sequence.next_tokens(), r.sequence.cache) for r in batch])
-            events = [r.sequence.consume(row) for r, row in zip(batch, logits)]
+            logits = self.engine.model.forward([(tokens, req.sequence.cache) for req, tokens, _ in plan])
+            events = [(req, req.sequence.consume(row)) for (req, _, samples), row in zip(plan, logits) if samples]
         except Exception as e:  # noqa: BLE001
-            for req in batch:
+            for req, _, _ in plan:
                 req.sequence.finish_reason = "error"
                 req.events.put(e)
                 req.events.put(_END)
             events = []
         with self._cond:  # before the events go out, so stats() never lags what a consumer has seen
             self.steps += 1
-            self._active = [r for r in self._active + new if not r.sequence.finished]
-        for req, ev in zip(batch, events):
+            self._active = [r for r in self._active if not r.sequence.finished]
+        for req, ev in events:
             self._emit(req, ev)
 
     def _emit(self, req: Request, ev: TokenEvent) -> None:

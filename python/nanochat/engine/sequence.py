@@ -29,9 +29,14 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def next_tokens(self) -> list[int]:
-        """What the model must read next: the prompt first, then the last sampled token."""
-        return self.prompt if not self.generated else self.generated[-1:]
+    def next_tokens(self, limit: int | None = None) -> list[int]:
+        """What the model must read next: the rest of the prompt (at most `limit` tokens of it, for prefilling
+        in chunks), then the last sampled token. Only the pass that reads the prompt's last token gives logits
+        to `consume`."""
+        if self.generated:
+            return self.generated[-1:]
+        start = self.cache.length
+        return self.prompt[start:] if limit is None else self.prompt[start:start + limit]
 
     def consume(self, logits: np.ndarray) -> TokenEvent:
         """Sample from one logits row [V] and say what to stream."""
