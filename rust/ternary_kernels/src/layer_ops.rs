@@ -5,6 +5,13 @@
 //! In numpy each of these is 5-15 array ops of a microsecond or more per token and layer; here each
 //! is one call. The arithmetic follows python/nanochat/engine/model.py (same formulas in f32; sums
 //! are taken in 16 lanes, so the last bits can differ from numpy's order).
+//!
+//! Attention is the hot one at long contexts (12 heads x every cached position, per layer and token):
+//! the query heads of a kv head share each key and value load, the softmax uses a branch-free exp that
+//! vectorizes, and on AVX-512 the scores and value sums run in registers. Every path performs the same
+//! operations in the same order (Rust never fuses a * b + c), so the bits do not depend on the CPU.
+//! nano-125m shapes (12 heads, 4 kv heads, hd 64), one call: 45 -> 21 us at position 150, 275 -> 97 us
+//! at position 1000 (this Zen 4, /tmp/attn_bench-style timing loop over the Python binding).
 
 use crate::error::{invalid, Result};
 
@@ -180,35 +187,257 @@ pub fn attend_decode(
         rope(&k_new[g * hd..(g + 1) * hd], cos, sin, &mut k_cache[at..at + hd]);
         v_cache[at..at + hd].copy_from_slice(&v_new[g * hd..(g + 1) * hd]);
     }
+    let input = AttnInput { s, q_raw, cos, sin, k_cache, v_cache, pos, scale };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked on the line above).
+            unsafe { attend_avx512(&input, out) };
+            return Ok(());
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked on the line above).
+            unsafe { attend_avx2(&input, out) };
+            return Ok(());
+        }
+    }
+    attend_cached::<false>(&input, out);
+    Ok(())
+}
+
+/// What `attend_cached` reads: the raw queries, RoPE rows, and the caches with this token written.
+struct AttnInput<'a> {
+    s: AttnShape,
+    q_raw: &'a [f32],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    pos: usize,
+    scale: f32,
+}
+
+// The same source compiled for wider vectors: Rust never fuses a * b + c, so every path performs the
+// same operations in the same order and gives the same bits; only the speed differs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn attend_avx512(a: &AttnInput, out: &mut [f32]) {
+    attend_cached::<true>(a, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn attend_avx2(a: &AttnInput, out: &mut [f32]) {
+    attend_cached::<false>(a, out)
+}
+
+/// Softmax attention of each query head over positions 0..=pos. The r query heads of a kv head go
+/// together, so each cached key and value row is loaded once for all r of them. AVX512: called from
+/// `attend_avx512` only (the scores then come from `scores_avx512`, same bits as `dot_tree`).
+#[inline(always)]
+fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
+    let (s, hd, n) = (a.s, a.s.head_dim, a.pos + 1);
     let r = s.n_heads / s.n_kv_heads;
-    let mut q = vec![0f32; hd];
-    let mut p = vec![0f32; pos + 1];
-    for h in 0..s.n_heads {
-        let g = h / r;
-        rope(&q_raw[h * hd..(h + 1) * hd], cos, sin, &mut q);
-        let keys = &k_cache[g * s.capacity * hd..(g * s.capacity + pos + 1) * hd];
-        let values = &v_cache[g * s.capacity * hd..(g * s.capacity + pos + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (pj, key) in p.iter_mut().zip(keys.chunks_exact(hd)) {
-            *pj = dot(&q, key) * scale;
-            max = max.max(*pj);
+    let mut q = vec![0f32; r * hd];
+    let mut p = vec![0f32; r * n];
+    for g in 0..s.n_kv_heads {
+        for (i, qi) in q.chunks_exact_mut(hd).enumerate() {
+            let h = g * r + i;
+            rope(&a.q_raw[h * hd..(h + 1) * hd], a.cos, a.sin, qi);
         }
-        let mut sum = 0f32;
-        for pj in p.iter_mut() {
-            *pj = (*pj - max).exp();
-            sum += *pj;
+        let keys = &a.k_cache[g * s.capacity * hd..(g * s.capacity + n) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if AVX512 && hd.is_multiple_of(LANES) {
+            // SAFETY: AVX512 is true only inside attend_avx512, which runs on CPUs with AVX-512F.
+            unsafe { scores_avx512(&q, keys, hd, a.scale, &mut p) };
+        } else {
+            scores(&q, keys, hd, a.scale, &mut p);
         }
-        let o = &mut out[h * hd..(h + 1) * hd];
-        o.fill(0.0);
-        for (&pj, value) in p.iter().zip(values.chunks_exact(hd)) {
-            let w = pj / sum;
-            for (o, &v) in o.iter_mut().zip(value) {
-                *o += w * v;
+        #[cfg(not(target_arch = "x86_64"))]
+        scores(&q, keys, hd, a.scale, &mut p);
+        let mut inv_sums = [0f32; MAX_GROUP];
+        for (i, row) in p.chunks_exact_mut(n).enumerate() {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            row.iter_mut().for_each(|v| *v = exp_poly(*v - max));
+            inv_sums[i % MAX_GROUP] = 1.0 / sum_lanes(row);
+        }
+        let o = &mut out[g * r * hd..(g + 1) * r * hd];
+        let values = &a.v_cache[g * s.capacity * hd..(g * s.capacity + n) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if AVX512 && hd.is_multiple_of(VALUE_BLOCK) {
+            // SAFETY: AVX512 is true only inside attend_avx512, which runs on CPUs with AVX-512F.
+            unsafe { weighted_values_avx512(&p, values, hd, o) };
+        } else {
+            weighted_values(&p, values, hd, o);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        weighted_values(&p, values, hd, o);
+        for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
+            let inv = if r <= MAX_GROUP { inv_sums[i] } else { 1.0 / sum_lanes(&p[i * n..(i + 1) * n]) };
+            oi.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+/// p[i, j] = (q_i . key_j) * scale for the r queries q [r, hd] and keys [n, hd]; p [r, n].
+#[inline(always)]
+fn scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, p: &mut [f32]) {
+    let n = keys.len() / hd;
+    for (j, key) in keys.chunks_exact(hd).enumerate() {
+        for (i, qi) in q.chunks_exact(hd).enumerate() {
+            p[i * n + j] = dot_tree(qi, key) * scale;
+        }
+    }
+}
+
+/// `scores` in AVX-512 registers for hd a multiple of 16: one zmm of 16 lanes accumulates mul then add,
+/// reduced as `tree_sum` does (8 + 8, 4 + 4, 2 + 2, 1 + 1), so the bits equal the generic path's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn scores_avx512(q: &[f32], keys: &[f32], hd: usize, scale: f32, p: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (n, r) = (keys.len() / hd, q.len() / hd);
+    assert!(hd.is_multiple_of(LANES) && p.len() >= r * n && keys.len() == n * hd && q.len() == r * hd);
+    for j in 0..n {
+        for i in 0..r {
+            // SAFETY: the asserts above keep every load inside q[i * hd..(i + 1) * hd] and
+            // keys[j * hd..(j + 1) * hd] (hd a multiple of 16), the store inside p.
+            unsafe {
+                let (qi, key) = (q.as_ptr().add(i * hd), keys.as_ptr().add(j * hd));
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..hd).step_by(LANES) {
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qi.add(c)), _mm512_loadu_ps(key.add(c))));
+                }
+                let halves = _mm512_add_ps(acc, _mm512_shuffle_f32x4::<0b11_10_11_10>(acc, acc));
+                let low = _mm512_castps512_ps256(halves);
+                let quarters = _mm_add_ps(_mm256_castps256_ps128(low), _mm256_extractf128_ps::<1>(low));
+                let eighths = _mm_add_ps(quarters, _mm_movehl_ps(quarters, quarters));
+                let total = _mm_add_ss(eighths, _mm_shuffle_ps::<1>(eighths, eighths));
+                *p.get_unchecked_mut(i * n + j) = _mm_cvtss_f32(total) * scale;
             }
         }
     }
-    Ok(())
 }
+
+/// o_i = sum_j p[i, j] * value_j (j ascending, multiply then add) for p [r, n], values [n, hd], o [r, hd].
+#[inline(always)]
+fn weighted_values(p: &[f32], values: &[f32], hd: usize, o: &mut [f32]) {
+    let n = values.len() / hd;
+    o.fill(0.0);
+    for (j, value) in values.chunks_exact(hd).enumerate() {
+        for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
+            let w = p[i * n + j];
+            oi.iter_mut().zip(value).for_each(|(o, &v)| *o += w * v);
+        }
+    }
+}
+
+/// Columns of o one AVX-512 pass keeps in registers (4 zmm).
+const VALUE_BLOCK: usize = 64;
+
+/// `weighted_values` with each head's 64-column block of o held in 4 zmm registers over all j (the
+/// generic loop loads and stores o for every j); same operations in the same order, same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn weighted_values_avx512(p: &[f32], values: &[f32], hd: usize, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (n, r) = (values.len() / hd, o.len() / hd);
+    assert!(hd.is_multiple_of(VALUE_BLOCK) && p.len() >= r * n && values.len() == n * hd && o.len() == r * hd);
+    for i in 0..r {
+        for c in (0..hd).step_by(VALUE_BLOCK) {
+            // SAFETY: the asserts above keep every load inside values[j * hd + c..j * hd + c + 64] and
+            // p[i * n + j], every store inside o[i * hd + c..i * hd + c + 64].
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for j in 0..n {
+                    let w = _mm512_set1_ps(*p.get_unchecked(i * n + j));
+                    let v = values.as_ptr().add(j * hd + c);
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, _mm512_loadu_ps(v.add(16 * k))));
+                    }
+                }
+                for (k, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(i * hd + c + 16 * k), *acc);
+                }
+            }
+        }
+    }
+}
+
+/// Query heads per kv head whose softmax sums are kept on the stack (more are summed again).
+const MAX_GROUP: usize = 16;
+
+/// sum a[i] * b[i] in 16 lanes, the lanes added as a tree (halves, quarters, ...: vector shuffles,
+/// not 15 dependent scalar adds).
+#[inline(always)]
+fn dot_tree(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] += x * y;
+    }
+    tree_sum(acc)
+}
+
+#[inline(always)]
+fn tree_sum(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        acc[i] += v;
+    }
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    tree_sum(acc)
+}
+
+/// e^x for x <= 0 (softmax arguments), within 2 ulp: x = n ln2 + t with |t| <= ln2 / 2, e^t by the
+/// Cephes expf polynomial, times 2^n from the exponent bits. Branch-free, so loops of it vectorize
+/// (libm's expf is a call per element). Below -87 it returns e^-87 (~1.6e-38): nothing in a softmax sum.
+#[inline(always)]
+fn exp_poly(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 0.0);
+    let magic_bits = ROUND_MAGIC.to_bits() as i32;
+    let shifted = x * LOG2E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC; // round(x / ln2), ties to even
+    let t = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * t + 1.398_199_9e-3;
+    p = p * t + 8.333_452e-3;
+    p = p * t + 4.166_579_6e-2;
+    p = p * t + 1.666_666_5e-1;
+    p = p * t + 0.5;
+    let e_t = p * t * t + t + 1.0;
+    let two_n = f32::from_bits(((shifted.to_bits() as i32 - magic_bits + 127) << 23) as u32);
+    e_t * two_n
+}
+
+/// 1.5 * 2^23: adding it rounds an f32 of magnitude < 2^22 to an integer held in the low mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 #[cfg(test)]
 mod tests {
@@ -266,6 +495,43 @@ mod tests {
         assert!(mhc_write(&mut written, &y, &h_res[1..], &h_post).is_err());
     }
 
+    fn got_p(x: &[f32], r: usize, n: usize) -> Vec<f32> {
+        x[..r * n].iter().map(|v| v.abs() / n as f32).collect()
+    }
+
+    #[test]
+    fn avx512_scores_and_values_equal_the_generic_ones() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipping: this CPU lacks AVX-512F");
+            return;
+        }
+        let (r, n, hd) = (3, 37, 64);
+        let q: Vec<f32> = (0..r * hd).map(|i| (i as f32 * 0.31).sin()).collect();
+        let keys: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.17).cos()).collect();
+        let (mut want, mut got) = (vec![0f32; r * n], vec![0f32; r * n]);
+        scores(&q, &keys, hd, 0.125, &mut want);
+        // SAFETY: AVX-512F is present (checked above).
+        unsafe { scores_avx512(&q, &keys, hd, 0.125, &mut got) };
+        assert_eq!(got, want);
+        let values: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.23).sin()).collect();
+        let (mut want, mut got) = (vec![0f32; r * hd], vec![1f32; r * hd]);
+        weighted_values(&got_p(&keys, r, n), &values, hd, &mut want);
+        // SAFETY: AVX-512F is present (checked above).
+        unsafe { weighted_values_avx512(&got_p(&keys, r, n), &values, hd, &mut got) };
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn exp_poly_is_within_two_ulp() {
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_poly(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 2.0 * f32::EPSILON as f64 * want, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp_poly(0.0), 1.0);
+        assert!(exp_poly(-1000.0) < 1e-37);
+    }
+
     #[test]
     fn attention_matches_the_definition() {
         let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, capacity: 6 };
@@ -304,6 +570,20 @@ mod tests {
                 .collect();
             close(&out[h * hd..(h + 1) * hd], &want, 1e-5);
         }
+        // the generic build of the same source gives the same bits as the dispatched (AVX) one
+        let mut generic = vec![0f32; 4 * hd];
+        let input = AttnInput {
+            s,
+            q_raw: &qkv[..4 * hd],
+            cos: &cos,
+            sin: &sin,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            pos,
+            scale: 0.5,
+        };
+        attend_cached::<false>(&input, &mut generic);
+        assert_eq!(generic, out);
         assert!(attend_decode(s, &qkv, &cos, &sin, &mut k_cache, &mut v_cache, 6, 0.5, &mut out).is_err());
     }
 }
