@@ -72,7 +72,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest values, largest first, ties by lower index (= np.argsort(-values, kind="stable")[:k])."""
+    """Indices of the k largest values, largest first, ties by lower index: np.argsort(-values, kind="stable")[:k]."""
     n = len(values)
     if k >= n:
         return np.argsort(-values, kind="stable")
@@ -123,7 +123,7 @@ class Sampler:
         return buf
 
     def penalize(self, logits: np.ndarray) -> np.ndarray:
-        """Penalized logits [V] (the input itself when no penalty is set; else a work buffer, valid until the next call)."""
+        """Penalized logits [V]: the input itself when no penalty is set, else a work buffer valid until the next call."""
         p = self.p
         if p.repetition_penalty != 1.0:
             out = self.buffer("penalized", logits, logits.dtype)
