@@ -8,7 +8,8 @@ Run: .venv/bin/python -m pytest tests/test_engine_decode.py -q
 - Transformer.forward through DecodeModel == the Python layer loop bit for bit (both call the same
   Rust norm / mHC / attention / matmul functions), logits and KV caches, over several batched steps;
   and greedy generation on the exported tiny model (tests/fixtures_model.py) is unchanged.
-- mhc_read / mhc_write == their numpy definitions; bad shapes raise ValueError naming the argument.
+- mhc_read / mhc_write and the prefill's rope_rows / causal_softmax == their numpy definitions (the numpy
+  backend's functions); bad shapes raise ValueError naming the argument.
 """
 
 from __future__ import annotations
@@ -161,6 +162,29 @@ def test_mhc_read_and_write_match_their_definitions():
         kernels.mhc_write(xs, y[:4].copy(), mix.h_res, mix.h_post)
     with pytest.raises(ValueError, match="h_res: expected h_res"):
         kernels.mhc_write(xs, y, mix.h_res[:2].copy(), mix.h_post)
+
+
+def test_prefill_rope_and_causal_softmax_match_numpy():
+    rng = np.random.default_rng(4)
+    model = random_transformer(1, False)
+    n, heads, hd = 9, 6, model.cfg.head_dim
+    x = rng.normal(0, 1, (n, 8 * hd)).astype(np.float32)
+    cos, sin = model.cos[3:3 + n], model.sin[3:3 + n]
+    got, want = x.copy(), x.copy()
+    kernels.rope_rows(got, cos, sin, heads)
+    kernels.numpy_rope_rows(want, cos, sin, heads)
+    np.testing.assert_array_equal(got, want)  # same formula, same rounding
+    assert np.array_equal(got[:, heads * hd:], x[:, heads * hd:])
+    scores = rng.normal(0, 3, (2, 3 * 4, 10)).astype(np.float32)  # [KVH, r * c, s_len], c = 4 queries from 6
+    got, want = scores.copy(), scores.copy()
+    kernels.causal_softmax(got, 4, 6, 0.25)
+    kernels.numpy_causal_softmax(want, 4, 6, 0.25)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got[0, 0, 7:].max() == 0 and got[0, 3, 9] > 0  # query 0 at position 6 sees keys 0..6; query 3 all 10
+    with pytest.raises(ValueError, match="scores: expected rows of s_len = 10 keys in groups of c = 4"):
+        kernels.causal_softmax(got, 4, 7, 0.25)
+    with pytest.raises(ValueError, match=r"cos: expected cos and sin \[N = 9, hd\]"):
+        kernels.rope_rows(got.reshape(-1, 10)[:9].copy(), cos[:4].copy(), sin, 2)
 
 
 def test_bad_step_arguments_name_the_argument():

@@ -112,6 +112,14 @@ def mhc_write(
 ) -> None:
     """mHC write, in place on xs [n, ..., D]: xs[i] = sum_j h_res[i, j] xs[j] + h_post[i] y, y [..., D]."""
 
+def rope_rows(x: npt.NDArray[np.float32], cos: npt.NDArray[np.float32], sin: npt.NDArray[np.float32], heads: int) -> None:
+    """Rotate-half RoPE in place on the first `heads` heads of every row of x [N, row] (a prefill's q and k),
+    with the rows' full-width cos/sin [N, hd]; the decode step's arithmetic."""
+
+def causal_softmax(scores: npt.NDArray[np.float32], c: int, q0: int, scale: float) -> None:
+    """In place on attention scores [..., r * c, s_len] (rows: head, then query): query i of the chunk sits at
+    position q0 + i and sees keys 0..=q0 + i; visible scores are scaled and softmaxed, the rest become 0."""
+
 MhcMatrices = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]
 
 class DecodeLayer:

@@ -4,8 +4,8 @@
 used when the extension imports; otherwise the numpy classes below compute the same arithmetic
 (per-token int8 activations, integer dot products per group, times the group scale, / s) so the
 engine still runs, slowly. NANOCHAT_ENGINE_KERNELS=numpy forces the reference (for comparisons).
-The float ops between matmuls (rms_norm, silu_mul, attend_decode, mhc_read, mhc_write) come from the
-same backend; `DecodeLayer` / `DecodeModel` (the whole decode step in Rust, decode.rs) are None
+The float ops between matmuls (rms_norm, silu_mul, attend_decode, mhc_read, mhc_write, rope_rows,
+causal_softmax) come from the same backend; `DecodeLayer` / `DecodeModel` (the whole decode step in Rust, decode.rs) are None
 with the numpy backend.
 """
 
@@ -127,6 +127,27 @@ def numpy_mhc_write(xs: np.ndarray, y: np.ndarray, h_res: np.ndarray, h_post: np
     xs[...] = mixed
 
 
+def numpy_rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, heads: int) -> None:
+    """Rotate-half RoPE in place on the first `heads` heads of each row of x [N, row]; cos/sin [N, hd] full-width."""
+    n, hd = cos.shape
+    swap = np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)])  # [x1, x2] -> [x2, x1]
+    h = x[:, :heads * hd].reshape(n, heads, hd)
+    out = h * cos[:, None]
+    out += h[..., swap] * sin[:, None]
+    x[:, :heads * hd] = out.reshape(n, heads * hd)
+
+
+def numpy_causal_softmax(scores: np.ndarray, c: int, q0: int, scale: float) -> None:
+    """In place on scores [..., r * c, s_len]: query i (row % c) sees keys 0..=q0 + i; scaled softmax, masked -> 0."""
+    s_len = scores.shape[-1]
+    rows = scores.reshape(-1, c, s_len)
+    rows *= np.float32(scale)
+    rows[:, np.arange(s_len)[None, :] > (q0 + np.arange(c))[:, None]] = -np.inf
+    rows -= rows.max(axis=-1, keepdims=True)
+    np.exp(rows, out=rows)
+    rows /= rows.sum(axis=-1, keepdims=True)
+
+
 def limit_numpy_blas_threads(n: int) -> bool:
     """Set the thread count of numpy's bundled OpenBLAS (attention matmuls). Its worker threads spin-wait
     and fight the Rust kernels' pool for the cores: on 2 busy cores one thread was 10x faster than two."""
@@ -144,7 +165,8 @@ def limit_numpy_blas_threads(n: int) -> bool:
 
 
 NUMPY_BACKEND = (NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, numpy_rms_norm, numpy_silu_mul,
-                 numpy_attend_decode, numpy_mhc_read, numpy_mhc_write, None, None, "numpy")
+                 numpy_attend_decode, numpy_mhc_read, numpy_mhc_write, numpy_rope_rows, numpy_causal_softmax, None, None,
+                 "numpy")
 
 
 def _load_backend():
@@ -160,10 +182,11 @@ def _load_backend():
         return NUMPY_BACKEND
     log.info("engine kernels: Rust extension, isa %s", ternary.active_isa())
     return (ternary.TernaryMatrix, ternary.Int8Matrix, ternary.set_num_threads, rust.rms_norm, rust.silu_mul,
-            rust.attend_decode, rust.mhc_read, rust.mhc_write, rust.DecodeLayer, rust.DecodeModel,
+            rust.attend_decode, rust.mhc_read, rust.mhc_write, rust.rope_rows, rust.causal_softmax, rust.DecodeLayer,
+            rust.DecodeModel,
             f"rust-{ternary.active_isa()}")
 
 
 # the fused float ops come from the same backend as the matrices (prefill and decode share their arithmetic)
-(TernaryMatrix, Int8Matrix, set_num_threads, rms_norm, silu_mul, attend_decode, mhc_read, mhc_write, DecodeLayer,
- DecodeModel, BACKEND) = _load_backend()
+(TernaryMatrix, Int8Matrix, set_num_threads, rms_norm, silu_mul, attend_decode, mhc_read, mhc_write, rope_rows,
+ causal_softmax, DecodeLayer, DecodeModel, BACKEND) = _load_backend()

@@ -97,29 +97,12 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([cos, cos], axis=1), np.concatenate([-sin, sin], axis=1)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, swap: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x [N, heads, hd] with full-width cos/sin [N, 1, hd]:
-    [x1, x2] * [c, c] + [x2, x1] * [-s, s] = [x1 c - x2 s, x2 c + x1 s] (same rounding as the model)."""
-    out = x * cos
-    out += x[..., swap] * sin
-    return out
-
-
-def softmax_inplace(scores: np.ndarray) -> np.ndarray:
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
-
-
 class Transformer:
     """Weights + config + RoPE tables; `forward` is the whole model."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights):
         self.cfg, self.w = cfg, weights
         self.cos, self.sin = rope_tables(cfg)
-        half = cfg.head_dim // 2
-        self.swap = np.concatenate([np.arange(half, cfg.head_dim), np.arange(half)])  # [x1, x2] -> [x2, x1]
         self.q_dim = cfg.n_heads * cfg.head_dim
         self.kv_dim = cfg.n_kv_heads * cfg.head_dim
         self.eps = np.float32(cfg.norm_eps)
@@ -222,8 +205,9 @@ class Transformer:
                                                   cfg.n_heads, self.scale) for i, (_, cache) in enumerate(seqs)])
             return self._linear(layer.o, out if layer.attn_sub_norm is None else
                                 kernels.rms_norm(out, layer.attn_sub_norm, self.eps))
-        qk = apply_rope(qkv[:, :qk_dim].reshape(n_tok, cfg.n_heads + n_kv, hd), cos[:, None], sin[:, None], self.swap)
-        q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
+        kernels.rope_rows(qkv, cos, sin, cfg.n_heads + n_kv)  # q and k heads, in place (the decode step's arithmetic)
+        q = qkv[:, :self.q_dim].reshape(n_tok, cfg.n_heads, hd)
+        k = qkv[:, self.q_dim:qk_dim].reshape(n_tok, n_kv, hd)
         v = qkv[:, qk_dim:].reshape(n_tok, n_kv, hd)
         out = np.empty((n_tok, self.q_dim), dtype=np.float32)
         start = 0
@@ -239,10 +223,8 @@ class Transformer:
                 s_len = p0 + c1  # keys visible to the last query of this chunk
                 qc = qh[:, :, c0:c1].reshape(n_kv, r * (c1 - c0), hd)
                 scores = np.matmul(qc, kc[:, :s_len].transpose(0, 2, 1))
-                scores *= self.scale
-                future = np.arange(s_len)[None, :] > (p0 + np.arange(c0, c1))[:, None]  # causal mask
-                scores.reshape(n_kv, r, c1 - c0, s_len)[:, :, future] = -np.inf
-                y = np.matmul(softmax_inplace(scores), vc[:, :s_len])  # [KVH, r*c, hd]
+                kernels.causal_softmax(scores, c1 - c0, p0 + c0, self.scale)  # scaled, causal mask, in place
+                y = np.matmul(scores, vc[:, :s_len])  # [KVH, r*c, hd]
                 out[start + c0:start + c1] = y.reshape(n_kv, r, c1 - c0, hd).transpose(2, 0, 1, 3).reshape(c1 - c0, self.q_dim)
             start = end
         if layer.attn_sub_norm is not None:

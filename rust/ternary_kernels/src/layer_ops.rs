@@ -154,6 +154,73 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     }
 }
 
+/// RoPE in place on the first `heads` heads (hd values each) of every row of x [N, row], with the rows'
+/// full-width cos/sin [N, hd]: the prefill's q and k, the same arithmetic as the decode step's `rope`.
+pub fn rope_rows(x: &mut [f32], row: usize, heads: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
+    let n = if row == 0 { 0 } else { x.len() / row };
+    let hd = if n == 0 { 0 } else { cos.len() / n };
+    if row == 0 || !x.len().is_multiple_of(row) || hd == 0 || !hd.is_multiple_of(2) || cos.len() != n * hd {
+        return Err(invalid("cos", format!("expected [N, even hd] for {n} rows of x, got {} values", cos.len())));
+    }
+    if sin.len() != cos.len() || heads * hd > row {
+        return Err(invalid(
+            "sin",
+            format!("expected {} values like cos and {heads} heads of {hd} within a row of {row}", cos.len()),
+        ));
+    }
+    let mut head = vec![0f32; hd];
+    for (t, xr) in x.chunks_exact_mut(row).enumerate() {
+        let (c, s) = (&cos[t * hd..(t + 1) * hd], &sin[t * hd..(t + 1) * hd]);
+        for h in xr[..heads * hd].chunks_exact_mut(hd) {
+            head.copy_from_slice(h);
+            rope(&head, c, s, h);
+        }
+    }
+    Ok(())
+}
+
+/// Causal softmax in place over score rows [..][r][c] of s_len keys each: row k belongs to query k % c of a
+/// chunk whose first query sits at position q0, which sees keys 0..=q0 + k % c. Visible scores are
+/// multiplied by `scale` and softmaxed (the decode step's exp); the others become 0.
+pub fn causal_softmax(scores: &mut [f32], s_len: usize, c: usize, q0: usize, scale: f32) -> Result<()> {
+    if s_len == 0 || c == 0 || !scores.len().is_multiple_of(s_len * c) || q0 + c > s_len {
+        return Err(invalid(
+            "scores",
+            format!(
+                "expected rows of s_len = {s_len} keys in groups of c = {c} queries (q0 + c <= s_len), got {} values",
+                scores.len()
+            ),
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked on the line above).
+        unsafe { causal_softmax_avx512(scores, s_len, c, q0, scale) };
+        return Ok(());
+    }
+    causal_softmax_rows(scores, s_len, c, q0, scale);
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn causal_softmax_avx512(scores: &mut [f32], s_len: usize, c: usize, q0: usize, scale: f32) {
+    causal_softmax_rows(scores, s_len, c, q0, scale)
+}
+
+#[inline(always)]
+fn causal_softmax_rows(scores: &mut [f32], s_len: usize, c: usize, q0: usize, scale: f32) {
+    for (k, row) in scores.chunks_exact_mut(s_len).enumerate() {
+        let (visible, hidden) = row.split_at_mut(q0 + k % c + 1);
+        visible.iter_mut().for_each(|v| *v *= scale);
+        let max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        visible.iter_mut().for_each(|v| *v = exp_poly(*v - max));
+        let inv = 1.0 / sum_lanes(visible);
+        visible.iter_mut().for_each(|v| *v *= inv);
+        hidden.fill(0.0);
+    }
+}
+
 /// One token of one sequence at position `pos`: rope q and k of `qkv` ([q | k | v] heads), write k and
 /// v into the caches ([KVH, capacity, hd]) at `pos`, attend over positions 0..=pos; out [n_heads * hd].
 #[allow(clippy::too_many_arguments)]
@@ -539,6 +606,42 @@ mod tests {
         // SAFETY: AVX-512F is present (checked above).
         unsafe { weighted_values_avx512(&got_p(&keys, r, n), &values, hd, &mut got) };
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn rope_rows_and_causal_softmax_match_the_definitions() {
+        let (n, row, hd) = (3, 5 * 8, 8);
+        let x: Vec<f32> = (0..n * row).map(|i| (i as f32 * 0.37).sin()).collect();
+        let cos: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos()).collect();
+        let sin: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.13).sin()).collect();
+        let mut got = x.clone();
+        rope_rows(&mut got, row, 4, &cos, &sin).unwrap();
+        for t in 0..n {
+            for h in 0..5 {
+                let at = t * row + h * hd;
+                let mut want = x[at..at + hd].to_vec();
+                if h < 4 {
+                    rope(&x[at..at + hd], &cos[t * hd..(t + 1) * hd], &sin[t * hd..(t + 1) * hd], &mut want);
+                }
+                assert_eq!(&got[at..at + hd], &want[..], "token {t} head {h}");
+            }
+        }
+        assert!(rope_rows(&mut got, row, 6, &cos, &sin).is_err());
+        let (s_len, c, q0) = (7, 3, 2);
+        let scores: Vec<f32> = (0..2 * c * s_len).map(|i| (i as f32 * 0.7).sin() * 4.0).collect();
+        let mut p = scores.clone();
+        causal_softmax(&mut p, s_len, c, q0, 0.5).unwrap();
+        for k in 0..2 * c {
+            let visible = q0 + k % c + 1;
+            let row = &scores[k * s_len..(k + 1) * s_len];
+            let m = row[..visible].iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 * 0.5));
+            let z: f64 = row[..visible].iter().map(|&v| (v as f64 * 0.5 - m).exp()).sum();
+            for j in 0..s_len {
+                let want = if j < visible { ((row[j] as f64 * 0.5 - m).exp() / z) as f32 } else { 0.0 };
+                close(&p[k * s_len + j..k * s_len + j + 1], &[want], 1e-6);
+            }
+        }
+        assert!(causal_softmax(&mut p, s_len, c, 5, 0.5).is_err());
     }
 
     #[test]

@@ -480,6 +480,40 @@ fn mhc_write(
     Ok(())
 }
 
+/// RoPE in place on the first `heads` heads of every row of x float32 [N, row] (e.g. q and k of a
+/// prefill's qkv), with the rows' full-width cos/sin [N, hd].
+#[pyfunction]
+fn rope_rows(x: &Bound<'_, PyAny>, cos: &Bound<'_, PyAny>, sin: &Bound<'_, PyAny>, heads: usize) -> PyResult<()> {
+    let (x, shape) = checked_array::<f32>("x", x, &[2], "float32")?;
+    let cos = read_array::<f32>("cos", cos, &[2], "float32")?;
+    let sin = read_array::<f32>("sin", sin, &[2], "float32")?;
+    if cos.shape[0] != shape[0] || sin.shape != cos.shape {
+        return Err(invalid(
+            "cos",
+            format!("expected cos and sin [N = {}, hd], got {:?} and {:?}", shape[0], cos.shape, sin.shape),
+        )
+        .into());
+    }
+    let mut x = x.try_readwrite().map_err(|e| invalid("x", format!("cannot write the array in place ({e})")))?;
+    let x = x.as_slice_mut().map_err(|_| invalid("x", "not C-contiguous"))?;
+    layer_ops::rope_rows(x, shape[1], heads, &cos.data, &sin.data)?;
+    Ok(())
+}
+
+/// Causal softmax in place on attention scores float32 [..., r * c, s_len] (rows ordered head, then query):
+/// query i of the chunk sits at position q0 + i and sees keys 0..=q0 + i; visible scores are multiplied by
+/// scale and softmaxed, the rest become 0.
+#[pyfunction]
+fn causal_softmax(scores: &Bound<'_, PyAny>, c: usize, q0: usize, scale: f32) -> PyResult<()> {
+    let (scores, shape) = checked_array::<f32>("scores", scores, &[2, 3, 4], "float32")?;
+    let s_len = shape[shape.len() - 1];
+    let mut scores =
+        scores.try_readwrite().map_err(|e| invalid("scores", format!("cannot write the array in place ({e})")))?;
+    let scores = scores.as_slice_mut().map_err(|_| invalid("scores", "not C-contiguous"))?;
+    layer_ops::causal_softmax(scores, s_len, c, q0, scale)?;
+    Ok(())
+}
+
 /// One sublayer's mHC matrices from Python: (h_pre [n], h_post [n], h_res [n, n]) float32 arrays.
 fn read_mhc(arg: &'static str, mhc: MhcArgs<'_>) -> Result<Option<decode::Mhc>> {
     let Some((h_pre, h_post, h_res)) = mhc else { return Ok(None) };
@@ -755,6 +789,8 @@ fn _ternary(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attend_decode, m)?)?;
     m.add_function(wrap_pyfunction!(mhc_read, m)?)?;
     m.add_function(wrap_pyfunction!(mhc_write, m)?)?;
+    m.add_function(wrap_pyfunction!(rope_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(causal_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())
