@@ -157,8 +157,8 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 /// RoPE in place on the first `heads` heads (hd values each) of every row of x [N, row], with the rows'
 /// full-width cos/sin [N, hd]: the prefill's q and k, the same arithmetic as the decode step's `rope`.
 pub fn rope_rows(x: &mut [f32], row: usize, heads: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
-    let n = if row == 0 { 0 } else { x.len() / row };
-    let hd = if n == 0 { 0 } else { cos.len() / n };
+    let n = x.len().checked_div(row).unwrap_or(0);
+    let hd = cos.len().checked_div(n).unwrap_or(0);
     if row == 0 || !x.len().is_multiple_of(row) || hd == 0 || !hd.is_multiple_of(2) || cos.len() != n * hd {
         return Err(invalid("cos", format!("expected [N, even hd] for {n} rows of x, got {} values", cos.len())));
     }
