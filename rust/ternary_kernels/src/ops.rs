@@ -19,6 +19,9 @@ use crate::matmul::check_x;
 use crate::pack::{PackedInt8, PackedTernary};
 
 /// Below this many multiply-adds a GEMV runs on the calling thread (a wake-up costs more than it saves).
+/// Re-checked with the native decode step (nano-125m decode, medians of 3 interleaved runs, load 1.0-1.4
+/// from other jobs): 1 << 19 (all layer matmuls on 2 threads) 243 tok/s, 1 << 21 (gate_up on 2) 271,
+/// 1 << 22 (none) 270; qkv and o each took 2-3x longer on 2 threads. So every layer matmul stays on one.
 pub const DYNAMIC_MIN_WORK: usize = 1 << 22;
 /// Chunks per thread: enough for stealing to even out a preempted thread, few enough to stay cheap.
 const CHUNKS_PER_THREAD: usize = 8;
