@@ -412,3 +412,122 @@ impl DecodeModel {
         self.layers.iter().for_each(|l| l.times.reset());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::TernaryShape;
+    use crate::kernels::best_isa;
+
+    fn matrix(rows: usize, cols: usize, seed: usize) -> Arc<PackedTernary> {
+        let shape = TernaryShape { rows, cols, group_size: 64 };
+        let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7 + seed * 13 + i / 5) % 3) as i8 - 1).collect();
+        let scales: Vec<f32> = (0..rows * shape.groups()).map(|i| 0.02 + ((i + seed) % 7) as f32 * 0.005).collect();
+        Arc::new(PackedTernary::new(&codes, &scales, shape).unwrap())
+    }
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+    }
+
+    /// D 64, 4 heads of 16, 2 kv heads, F 96, 2 mHC streams, sub-norms.
+    fn parts() -> LayerParts {
+        let mhc =
+            |s: f32| Mhc { h_pre: vec![0.4, 0.7], h_post: vec![1.2, 0.8], h_res: vec![0.7 + s, 0.3 - s, 0.2, 0.8] };
+        LayerParts {
+            attn_norm: values(64, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect(),
+            qkv: matrix(128, 64, 1),
+            o: matrix(64, 64, 2),
+            attn_sub_norm: Some(values(64, 2.0).iter().map(|v| 1.0 + 0.2 * v).collect()),
+            attn_mhc: Some(mhc(0.0)),
+            ffn_norm: values(64, 3.0).iter().map(|v| 1.0 + 0.3 * v).collect(),
+            gate_up: matrix(192, 64, 3),
+            down: matrix(64, 96, 4),
+            ffn_sub_norm: Some(values(96, 4.0).iter().map(|v| 1.0 + 0.2 * v).collect()),
+            ffn_mhc: Some(mhc(0.1)),
+            n_heads: 4,
+            n_kv_heads: 2,
+            eps: 1e-5,
+            scale: 0.25,
+        }
+    }
+
+    #[test]
+    fn step_equals_the_ops_composed_by_hand() {
+        let layer = DecodeLayer::new(parts()).unwrap();
+        let p = &layer.p;
+        let ex = Exec { isa: best_isa(), threads: 1 };
+        let (b, d, cap) = (2, 64, 8);
+        let xs0 = values(2 * b * d, 5.0);
+        let (cos, sin) = (values(b * 16, 6.0), values(b * 16, 7.0));
+        let caches0: Vec<Vec<f32>> = (0..2 * b).map(|i| values(2 * cap * 16, i as f32)).collect();
+        let positions = [3, 6];
+        // by hand, the order model.py's Python loop calls them in
+        let mut want = xs0.clone();
+        let mut kv = caches0.clone();
+        let mut u = vec![0f32; b * d];
+        let mut h = vec![0f32; b * d];
+        layer_ops::mhc_read(&want, &p.attn_mhc.as_ref().unwrap().h_pre, &mut u).unwrap();
+        layer_ops::rms_norm(&u, &p.attn_norm, p.eps, &mut h).unwrap();
+        let qkv = ops::ternary_matmul(&p.qkv, &h, b, ex.isa, 1).unwrap();
+        let mut att = vec![0f32; b * 64];
+        for i in 0..b {
+            let (k, v) = kv.split_at_mut(2 * i + 1);
+            let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 16, capacity: cap };
+            let (c, s) = (&cos[i * 16..(i + 1) * 16], &sin[i * 16..(i + 1) * 16]);
+            let out = &mut att[i * 64..(i + 1) * 64];
+            let q = &qkv[i * 128..(i + 1) * 128];
+            layer_ops::attend_decode(shape, q, c, s, &mut k[2 * i], &mut v[0], positions[i], 0.25, out).unwrap();
+        }
+        let mut normed = vec![0f32; att.len()];
+        layer_ops::rms_norm(&att, p.attn_sub_norm.as_ref().unwrap(), p.eps, &mut normed).unwrap();
+        let y = ops::ternary_matmul(&p.o, &normed, b, ex.isa, 1).unwrap();
+        let m = p.attn_mhc.as_ref().unwrap();
+        layer_ops::mhc_write(&mut want, &y, &m.h_res, &m.h_post).unwrap();
+        let m = p.ffn_mhc.as_ref().unwrap();
+        layer_ops::mhc_read(&want, &m.h_pre, &mut u).unwrap();
+        layer_ops::rms_norm(&u, &p.ffn_norm, p.eps, &mut h).unwrap();
+        let gu = ops::ternary_matmul(&p.gate_up, &h, b, ex.isa, 1).unwrap();
+        let mut a = vec![0f32; b * 96];
+        layer_ops::silu_mul(&gu, 96, &mut a).unwrap();
+        let mut an = vec![0f32; a.len()];
+        layer_ops::rms_norm(&a, p.ffn_sub_norm.as_ref().unwrap(), p.eps, &mut an).unwrap();
+        let y = ops::ternary_matmul(&p.down, &an, b, ex.isa, 1).unwrap();
+        layer_ops::mhc_write(&mut want, &y, &m.h_res, &m.h_post).unwrap();
+        // the layer step, on 1 and 2 threads
+        for threads in [1, 2] {
+            let mut got = xs0.clone();
+            let mut kv_got = caches0.clone();
+            let (ks, vs): (Vec<_>, Vec<_>) = kv_got.iter_mut().enumerate().partition(|(i, _)| i % 2 == 0);
+            let mut caches: Vec<SeqCache> = ks
+                .into_iter()
+                .zip(vs)
+                .zip(positions)
+                .map(|(((_, k), (_, v)), pos)| SeqCache { k: k.as_mut_slice(), v: v.as_mut_slice(), pos })
+                .collect();
+            layer.step(&mut got, &Rope { cos: &cos, sin: &sin }, &mut caches, Exec { threads, ..ex }).unwrap();
+            assert_eq!(got, want, "{threads} threads");
+            assert_eq!(kv_got, kv, "{threads} threads: caches");
+        }
+        assert!(layer.times.seconds().iter().sum::<f64>() > 0.0);
+    }
+
+    #[test]
+    fn mismatched_parts_are_named() {
+        let err = |p: LayerParts| DecodeLayer::new(p).err().unwrap().to_string();
+        assert!(err(LayerParts { o: matrix(64, 32, 0), ..parts() }).starts_with("o: expected [64, 64], got [64, 32]"));
+        assert!(err(LayerParts { down: matrix(64, 90, 0), ..parts() }).starts_with("down: expected [64, 96]"));
+        assert!(err(LayerParts { n_kv_heads: 3, ..parts() }).starts_with("n_heads:"));
+        assert!(err(LayerParts { ffn_mhc: None, ..parts() }).starts_with("ffn_mhc: expected the same stream count"));
+        assert!(
+            err(LayerParts { ffn_sub_norm: Some(vec![1.0; 95]), ..parts() }).starts_with("ffn_sub_norm: expected 96")
+        );
+        let layer = DecodeLayer::new(parts()).unwrap();
+        let ex = Exec { isa: best_isa(), threads: 1 };
+        let rope = Rope { cos: &[0.0; 16], sin: &[0.0; 16] };
+        let (mut k, mut v) = (vec![0f32; 2 * 4 * 16], vec![0f32; 2 * 4 * 16]);
+        let mut caches = [SeqCache { k: &mut k, v: &mut v, pos: 0 }];
+        let e = layer.step(&mut [0.0; 64], &rope, &mut caches, ex).unwrap_err().to_string();
+        assert!(e.starts_with("xs: expected 128 values ([n_streams, B, D])"), "{e}");
+    }
+}
