@@ -326,6 +326,14 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
     let r = s.n_heads / s.n_kv_heads;
     let mut q = vec![0f32; r * hd];
     let mut p = vec![0f32; r * n];
+    // the cache rows are cold (a decode step streams megabytes of weights between two layers' attention):
+    // ask for them up front so their misses overlap; beyond PREFETCH_ROWS the hardware streams keep up
+    // (prefetching a whole long context only evicted itself: 97 -> 128 us at position 1000)
+    let rows = n.min(PREFETCH_ROWS);
+    for g in 0..s.n_kv_heads {
+        prefetch_l2(&a.k_cache[g * s.capacity * hd..(g * s.capacity + rows) * hd]);
+        prefetch_l2(&a.v_cache[g * s.capacity * hd..(g * s.capacity + rows) * hd]);
+    }
     for g in 0..s.n_kv_heads {
         for (i, qi) in q.chunks_exact_mut(hd).enumerate() {
             let h = g * r + i;
@@ -363,6 +371,21 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
             oi.iter_mut().for_each(|o| *o *= inv);
         }
     }
+}
+
+/// Cached positions per kv head prefetched at the start of a decode attention call.
+const PREFETCH_ROWS: usize = 64;
+
+/// Prefetch hints (into L2) for every 64-byte line of x; no effect on results.
+#[inline(always)]
+fn prefetch_l2(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(16) {
+        // SAFETY: a prefetch never faults, and the pointer is inside x.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// p[i, j] = (q_i . key_j) * scale for the r queries q [r, hd] and keys [n, hd]; p [r, n].
