@@ -147,6 +147,17 @@ def test_exported_tiny_model_generates_the_same_with_and_without_the_native_step
     assert native == python and len(native) == 24
 
 
+def test_matrices_other_than_the_rust_classes_use_the_python_loop():
+    model = random_transformer(2, True)
+    for lw in model.w.layers:
+        lw.qkv = kernels.NumpyTernaryMatrix(*lw.qkv.unpack(), 64)
+    fallback = Transformer(model.cfg, model.w)
+    assert model.decoder is not None and fallback.decoder is None
+    cache = fallback.new_cache(8)
+    fallback.forward([([1, 2, 3], cache)])
+    assert fallback.forward([([4], cache)]).shape == (1, model.cfg.vocab_size) and cache.length == 4
+
+
 def test_mhc_read_and_write_match_their_definitions():
     rng = np.random.default_rng(2)
     xs = rng.normal(0, 1, (3, 5, 40)).astype(np.float32)

@@ -111,8 +111,11 @@ class Transformer:
         self.decoder = self._native_decoder()
 
     def _native_decoder(self):
-        """The whole decode step in Rust over the same matrices (shared, not copied); None with numpy kernels."""
-        if kernels.DecodeModel is None:
+        """The whole decode step in Rust over the same matrices (shared, not copied); None with numpy kernels
+        (or matrices that are not the Rust classes: then decode runs the Python layer loop)."""
+        mats = [m for lw in self.w.layers for m in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        if kernels.DecodeModel is None or not (all(isinstance(m, kernels.TernaryMatrix) for m in mats)
+                                               and isinstance(self.w.head, kernels.Int8Matrix)):
             return None
         cfg = self.cfg
         mats = lambda mix: None if mix is None else (mix.h_pre, mix.h_post, mix.h_res)  # noqa: E731
