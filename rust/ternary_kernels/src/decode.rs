@@ -348,7 +348,16 @@ impl DecodeModel {
     }
 
     /// Run every layer on xs [n, B, D] (in place), then return logits [B, V].
+    ///
+    /// The step runs on a thread of rayon's pool: a parallel matmul started from outside the pool parks
+    /// the caller until a worker wakes (on busy cores, a scheduler slice), while from inside it the
+    /// calling worker starts on the chunks at once. nano-125m, medians of 3 interleaved bench_engine runs
+    /// (load 1.3): decode 245 -> 272 tok/s, 8 sequences 648 -> 789 tok/s.
     pub fn step(&self, xs: &mut [f32], rope: &Rope, caches: &mut [ModelCache], ex: Exec) -> Result<Vec<f32>> {
+        rayon::scope(|_| self.step_here(xs, rope, caches, ex))
+    }
+
+    fn step_here(&self, xs: &mut [f32], rope: &Rope, caches: &mut [ModelCache], ex: Exec) -> Result<Vec<f32>> {
         let first = &self.layers[0];
         let (n, b, d) = (first.streams, caches.len(), first.dim);
         let layer_len = first.p.n_kv_heads * first.head_dim;

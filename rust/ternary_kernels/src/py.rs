@@ -683,7 +683,7 @@ impl PyDecodeLayer {
             let v = v.as_slice_mut().map_err(|_| invalid("v_caches", "not C-contiguous"))?;
             caches.push(decode::SeqCache { k, v, pos });
         }
-        py.detach(|| layer.step(xs, &rope, &mut caches, ex))?;
+        py.detach(|| rayon::scope(|_| layer.step(xs, &rope, &mut caches, ex)))?; // on a pool thread, as DecodeModel
         Ok(())
     }
 }
