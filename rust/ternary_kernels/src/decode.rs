@@ -16,6 +16,8 @@
 //! the output norm and the int8 head. Each stage's time is summed for benches/bench_engine.py.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -252,29 +254,27 @@ impl DecodeLayer {
         let times = &self.times;
         let t = Instant::now();
         let h = self.read_norm(xs, &p.attn_mhc, &p.attn_norm)?;
+        let shape = |c: &SeqCache| AttnShape {
+            n_heads: p.n_heads,
+            n_kv_heads: p.n_kv_heads,
+            head_dim: hd,
+            capacity: c.k.len() / (p.n_kv_heads * hd),
+        };
         let t = times.add(ELEMENTWISE, t);
         let qkv = ops::ternary_matmul(&p.qkv, &h, b, ex.isa, ex.threads)?;
         let t = times.add(QKV, t);
         let mut att = vec![0f32; b * q_dim];
         let qkv_dim = p.qkv.shape.rows;
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let shape = AttnShape {
-                n_heads: p.n_heads,
-                n_kv_heads: p.n_kv_heads,
-                head_dim: hd,
-                capacity: cache.k.len() / (p.n_kv_heads * hd),
-            };
-            layer_ops::attend_decode(
-                shape,
-                &qkv[i * qkv_dim..(i + 1) * qkv_dim],
-                &rope.cos[i * hd..(i + 1) * hd],
-                &rope.sin[i * hd..(i + 1) * hd],
-                cache.k,
-                cache.v,
-                cache.pos,
-                p.scale,
-                &mut att[i * q_dim..(i + 1) * q_dim],
-            )?;
+        let attend = |(i, (cache, out)): (usize, (&mut SeqCache, &mut [f32]))| {
+            let (cos, sin) = (&rope.cos[i * hd..(i + 1) * hd], &rope.sin[i * hd..(i + 1) * hd]);
+            let q = &qkv[i * qkv_dim..(i + 1) * qkv_dim];
+            layer_ops::attend_decode(shape(cache), q, cos, sin, cache.k, cache.v, cache.pos, p.scale, out)
+        };
+        if b > 1 && ex.threads > 1 {
+            // sequences are independent: idle threads take some (same results in any order)
+            caches.par_iter_mut().zip(att.par_chunks_mut(q_dim)).enumerate().try_for_each(attend)?;
+        } else {
+            caches.iter_mut().zip(att.chunks_mut(q_dim)).enumerate().try_for_each(attend)?;
         }
         let t = times.add(ATTENTION, t);
         let att = self.sub_norm(att, &p.attn_sub_norm)?;

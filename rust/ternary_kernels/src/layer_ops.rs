@@ -329,11 +329,8 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
     // the cache rows are cold (a decode step streams megabytes of weights between two layers' attention):
     // ask for them up front so their misses overlap; beyond PREFETCH_ROWS the hardware streams keep up
     // (prefetching a whole long context only evicted itself: 97 -> 128 us at position 1000)
-    let rows = n.min(PREFETCH_ROWS);
-    for g in 0..s.n_kv_heads {
-        prefetch_l2(&a.k_cache[g * s.capacity * hd..(g * s.capacity + rows) * hd]);
-        prefetch_l2(&a.v_cache[g * s.capacity * hd..(g * s.capacity + rows) * hd]);
-    }
+    prefetch_cache(s, a.k_cache, n);
+    prefetch_cache(s, a.v_cache, n);
     for g in 0..s.n_kv_heads {
         for (i, qi) in q.chunks_exact_mut(hd).enumerate() {
             let h = g * r + i;
@@ -375,6 +372,18 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
 
 /// Cached positions per kv head prefetched at the start of a decode attention call.
 const PREFETCH_ROWS: usize = 64;
+
+/// Prefetch hints (into L2) for the first min(n, PREFETCH_ROWS) positions of each kv head of a cache
+/// [KVH, capacity, hd]; returns the bytes asked for. No effect on results.
+pub fn prefetch_cache(s: AttnShape, cache: &[f32], n: usize) -> usize {
+    let (hd, rows) = (s.head_dim, n.min(PREFETCH_ROWS).min(s.capacity));
+    for g in 0..s.n_kv_heads {
+        if let Some(head) = cache.get(g * s.capacity * hd..(g * s.capacity + rows) * hd) {
+            prefetch_l2(head);
+        }
+    }
+    s.n_kv_heads * rows * hd * 4
+}
 
 /// Prefetch hints (into L2) for every 64-byte line of x; no effect on results.
 #[inline(always)]
