@@ -19,10 +19,12 @@ use crate::matmul::check_x;
 use crate::pack::{PackedInt8, PackedTernary};
 
 /// Below this many multiply-adds a GEMV runs on the calling thread (a wake-up costs more than it saves).
-/// Re-checked with the native decode step (nano-125m decode, medians of 3 interleaved runs, load 1.0-1.4
-/// from other jobs): 1 << 19 (all layer matmuls on 2 threads) 243 tok/s, 1 << 21 (gate_up on 2) 271,
-/// 1 << 22 (none) 270; qkv and o each took 2-3x longer on 2 threads. So every layer matmul stays on one.
-pub const DYNAMIC_MIN_WORK: usize = 1 << 22;
+/// A decode step reads every weight from memory and one core streams only about half of what two do,
+/// so on an idle machine every nano-125m layer matmul (the smallest, 768 x 768, is 590K) gains from
+/// both threads: decode medians of 8 interleaved rounds in one process, load 0.6-1.0: 1 << 22 (only
+/// the head on 2 threads) 236 tok/s, 1 << 20 246, 1 << 19 255. With the second core busy (load
+/// 1.0-1.4 from other jobs) it went the other way: 1 << 19 243 vs 1 << 22 270 tok/s.
+pub const DYNAMIC_MIN_WORK: usize = 1 << 19;
 /// Chunks per thread: enough for stealing to even out a preempted thread, few enough to stay cheap.
 const CHUNKS_PER_THREAD: usize = 8;
 
