@@ -337,7 +337,10 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
     let zero = _mm512_setzero_si512();
     let w_base = q.as_ptr().add(tile * ROWS_PER_TILE * kp);
     let x_base = acts.q.i8s().as_ptr().add(t0 * kp);
-    let mut acc = [[_mm512_setzero_si512(); NT]; ROWS_PER_TILE];
+    // two accumulator chains per (row, token) when few tokens: vpdpbusd's latency, not its throughput,
+    // bounded one chain per row
+    let chains = if NT <= 2 { 2 } else { 1 };
+    let mut acc = [[[_mm512_setzero_si512(); 2]; NT]; ROWS_PER_TILE];
     let ahead = prefetch_distance(ROWS_PER_TILE * kp); // the same column of a later tile
     for c in (0..kp).step_by(64) {
         let mut xs = [zero; NT];
@@ -351,7 +354,8 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
             if VNNI {
                 let u = _mm512_xor_si512(w, offset);
                 for t in 0..NT {
-                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xs[t]);
+                    let a = &mut acc[r][t][(c / 64) % chains];
+                    *a = _mm512_dpbusd_epi32(*a, u, xs[t]);
                 }
             } else {
                 let negative = _mm512_movepi8_mask(w);
@@ -359,7 +363,8 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
                 for t in 0..NT {
                     let signed_x = _mm512_mask_sub_epi8(xs[t], negative, zero, xs[t]);
                     let pairs = _mm512_maddubs_epi16(magnitude, signed_x);
-                    acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_madd_epi16(pairs, ones16));
+                    let a = &mut acc[r][t][(c / 64) % chains];
+                    *a = _mm512_add_epi32(*a, _mm512_madd_epi16(pairs, ones16));
                 }
             }
         }
@@ -367,7 +372,7 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
     for r in 0..ROWS_PER_TILE {
         let row = tile * ROWS_PER_TILE + r;
         for t in 0..NT {
-            let mut dot = _mm512_reduce_add_epi32(acc[r][t]);
+            let mut dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[r][t][0], acc[r][t][1]));
             if VNNI {
                 dot -= 128 * *acts.sums.get_unchecked(t0 + t);
             }
