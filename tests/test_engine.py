@@ -14,6 +14,7 @@ Run: .venv/bin/python -m pytest tests/test_engine.py -q
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,13 @@ def test_batched_decoding_equals_single_sequences():
 
 def test_scheduler_queue_full_cancel_and_stats():
     engine = engine_for(mhc_streams=1, sub_norms=False)
+    forward = engine.model.forward
+
+    def slow_forward(*args, **kwargs):  # the real forward, 5 ms slower: the tiny model would finish
+        time.sleep(0.005)                # 200 tokens before the test could look at it
+        return forward(*args, **kwargs)
+
+    engine.model.forward = slow_forward
     ids = held_out_ids(20)
     sched = Scheduler(engine, max_batch=1, max_queue=2)
     try:
@@ -119,6 +127,7 @@ def test_scheduler_queue_full_cancel_and_stats():
             sched.submit(ids * 100, SamplingParams())
     finally:
         sched.close()
+        engine.model.forward = forward
     assert sched.stats()["active"] == 0
 
 
