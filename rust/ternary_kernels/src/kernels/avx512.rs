@@ -224,8 +224,11 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
             }
         }
         for r in 0..RT {
+            // the scales are a stream of their own: prefetch the same group of the tile `ahead` bytes of codes later
+            let sp = scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE);
+            _mm_prefetch::<_MM_HINT_T1>(sp.wrapping_add(ahead / k.tile_bytes * k.groups * ROWS_PER_TILE) as *const i8);
             let sc4 =
-                _mm512_castps128_ps512(_mm_loadu_ps(scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE)));
+                _mm512_castps128_ps512(_mm_loadu_ps(sp));
             let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
             for t in 0..NT {
                 let mut raw = _mm512_setzero_si512();
