@@ -13,24 +13,12 @@ use std::arch::x86_64::*;
 
 use crate::act::{Int8Acts, TernaryActs};
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
-use crate::kernels::prefetch_distance;
 use crate::kernels::scalar::finish_int8;
+use crate::kernels::{prefetch_distance, Ternary};
 
 /// Tokens sharing each decoded half (16 ymm registers: 2 i16 + 2 f32 accumulators per token).
 const MAX_TOKENS: usize = 2;
 const INT8_TOKENS: usize = 2;
-
-struct Ternary<'a> {
-    codes: &'a [u8],
-    scales: &'a [f32],
-    q: &'a [i8],
-    group_sums: &'a [i32],
-    s: &'a [f32],
-    kp: usize,
-    groups: usize,
-    vectors_per_group: usize,
-    tile_bytes: usize,
-}
 
 pub(crate) fn ternary(
     shape: &TernaryShape,
@@ -40,28 +28,14 @@ pub(crate) fn ternary(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let tile_bytes = shape.tile_code_bytes();
-    let n_tiles = codes.len() / tile_bytes;
-    let k = Ternary {
-        codes,
-        scales,
-        q: acts.q.i8s(),
-        group_sums: &acts.group_sums,
-        s: &acts.s,
-        kp: acts.kp,
-        groups: shape.groups(),
-        vectors_per_group: shape.vectors_per_group(),
-        tile_bytes,
-    };
-    assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
-    assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
-    assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
+    let k = Ternary::checked(shape, codes, scales, acts, out, ldo);
+    let n_tiles = k.n_tiles;
     for tile in 0..n_tiles {
         let mut t0 = 0;
         while t0 < acts.tokens {
             let nt = (acts.tokens - t0).min(MAX_TOKENS);
             // SAFETY: kernels::ternary only selects this path when Isa::available() confirmed avx2
-            // and fma; the asserts above bound every offset used.
+            // and fma; `Ternary::checked` bounds every offset used.
             unsafe {
                 match nt {
                     1 => tile_avx2::<1>(&k, tile, t0, out, ldo),
@@ -184,7 +158,7 @@ unsafe fn int8_avx2<const NT: usize>(
         }
         for r in 0..ROWS_PER_TILE {
             if c % 64 == 0 {
-                _mm_prefetch::<_MM_HINT_T1>(w_base.add(r * kp + c).wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(w_base.add(r * kp + c).wrapping_add(ahead));
             }
             let w = _mm256_load_si256(w_base.add(r * kp + c) as *const __m256i);
             let magnitude = _mm256_abs_epi8(w);

@@ -16,8 +16,8 @@ use std::arch::x86_64::*;
 
 use crate::act::{Int8Acts, TernaryActs};
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
-use crate::kernels::prefetch_distance;
 use crate::kernels::scalar::finish_int8;
+use crate::kernels::{prefetch_distance, Ternary};
 
 /// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
 const BLOCK_TILES: usize = 4;
@@ -25,19 +25,6 @@ const BLOCK_TILES: usize = 4;
 const TOKEN_BLOCK: usize = 6;
 /// Int8: tokens per register block (4 rows x 4 tokens accumulators).
 const INT8_TOKENS: usize = 4;
-
-/// Everything one ternary call reads, with lengths checked once in `ternary`.
-struct Ternary<'a> {
-    codes: &'a [u8],
-    scales: &'a [f32],
-    q: &'a [i8],
-    group_sums: &'a [i32],
-    s: &'a [f32],
-    kp: usize,
-    groups: usize,
-    vectors_per_group: usize,
-    tile_bytes: usize,
-}
 
 /// Register blocking (tiles RT x tokens NT x accumulator chains PAR), chosen so every call keeps at
 /// least 8 independent `vpdpbusd` chains in flight (its latency is 4-5 cycles, its throughput 1).
@@ -56,23 +43,8 @@ pub(crate) fn ternary(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let tile_bytes = shape.tile_code_bytes();
-    let n_tiles = codes.len() / tile_bytes;
-    let k = Ternary {
-        codes,
-        scales,
-        q: acts.q.i8s(),
-        group_sums: &acts.group_sums,
-        s: &acts.s,
-        kp: acts.kp,
-        groups: shape.groups(),
-        vectors_per_group: shape.vectors_per_group(),
-        tile_bytes,
-    };
-    // The bounds every pointer below stays within (kp == tile_bytes: 4 rows x 2 bits = 1 byte per k).
-    assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
-    assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
-    assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
+    let k = Ternary::checked(shape, codes, scales, acts, out, ldo);
+    let n_tiles = k.n_tiles;
     let mut tile0 = 0;
     while tile0 < n_tiles {
         let tiles = (n_tiles - tile0).min(BLOCK_TILES);
@@ -80,7 +52,7 @@ pub(crate) fn ternary(
         while t0 < acts.tokens {
             let nt = (acts.tokens - t0).min(TOKEN_BLOCK);
             // SAFETY: kernels::ternary only selects this path when Isa::available() confirmed
-            // avx512f/bw/vl (and vnni for `vnni`); the asserts above bound every offset used, and
+            // avx512f/bw/vl (and vnni for `vnni`); `Ternary::checked` bounds every offset used, and
             // each call below covers tiles [tile0, tile0 + tiles) and tokens [t0, t0 + nt) only.
             unsafe {
                 let o = &mut *out;
@@ -227,8 +199,7 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
             // the scales are a stream of their own: prefetch the same group of the tile `ahead` bytes of codes later
             let sp = scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE);
             _mm_prefetch::<_MM_HINT_T1>(sp.wrapping_add(ahead / k.tile_bytes * k.groups * ROWS_PER_TILE) as *const i8);
-            let sc4 =
-                _mm512_castps128_ps512(_mm_loadu_ps(sp));
+            let sc4 = _mm512_castps128_ps512(_mm_loadu_ps(sp));
             let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
             for t in 0..NT {
                 let mut raw = _mm512_setzero_si512();

@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 use crate::act::{Int8Acts, TernaryActs};
 use crate::error::{Error, Result};
 use crate::format::TernaryShape;
+#[cfg(target_arch = "x86_64")]
+use crate::format::{ROWS_PER_TILE, VECTOR_BYTES};
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -23,6 +25,55 @@ pub mod scalar;
 /// leaves a GEMV at ~60% of the streaming bandwidth. Into L2 (hint T1), whose miss queue is deeper
 /// than L1's (T1 beat T0, T2 and NTA by 25-35% on a cold 4096x4096 GEMV).
 pub(crate) const PREFETCH_MIN_BYTES: usize = 8192;
+
+/// Everything one SIMD ternary call reads, its lengths checked once by `Ternary::checked`, the bounds
+/// every pointer of the AVX2 and AVX-512 loops stays within.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Ternary<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [f32],
+    pub q: &'a [i8],
+    pub group_sums: &'a [i32],
+    pub s: &'a [f32],
+    pub kp: usize,
+    pub groups: usize,
+    pub vectors_per_group: usize,
+    pub tile_bytes: usize,
+    pub n_tiles: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> Ternary<'a> {
+    /// Panics unless codes, scales, activations and `out` (rows at stride `ldo`) cover whole tiles.
+    pub fn checked(
+        shape: &TernaryShape,
+        codes: &'a [u8],
+        scales: &'a [f32],
+        acts: &'a TernaryActs,
+        out: &[f32],
+        ldo: usize,
+    ) -> Self {
+        let tile_bytes = shape.tile_code_bytes();
+        let n_tiles = codes.len() / tile_bytes;
+        let k = Ternary {
+            codes,
+            scales,
+            q: acts.q.i8s(),
+            group_sums: &acts.group_sums,
+            s: &acts.s,
+            kp: acts.kp,
+            groups: shape.groups(),
+            vectors_per_group: shape.vectors_per_group(),
+            tile_bytes,
+            n_tiles,
+        };
+        // kp == tile_bytes: 4 rows x 2 bits = 1 byte per k
+        assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
+        assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
+        assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
+        k
+    }
+}
 
 /// Prefetch distance for a loop that walks `block_bytes` of interleaved weight streams at a time
 /// (several rows side by side): a whole number of blocks, so every prefetch lands on the line that
