@@ -156,6 +156,8 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
     let q = k.q.as_ptr().add(t0 * k.kp);
     let mut facc = [[_mm512_setzero_ps(); NT]; RT];
     let ahead = prefetch_distance(RT * k.tile_bytes); // the same vector of a later block of RT tiles
+                                                      // the scales are a stream of their own: the same group of the tile `ahead` bytes of codes later
+    let scales_ahead = ahead / k.tile_bytes * k.groups * ROWS_PER_TILE;
     for g in 0..k.groups {
         // VNNI accumulates i32 directly; BW accumulates maddubs pairs in i16 (|sum| <= 16 x 512) per group.
         let mut acc = [[[_mm512_setzero_si512(); PAR]; NT]; RT];
@@ -196,9 +198,8 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
             }
         }
         for r in 0..RT {
-            // the scales are a stream of their own: prefetch the same group of the tile `ahead` bytes of codes later
             let sp = scales.add(r * k.groups * ROWS_PER_TILE + g * ROWS_PER_TILE);
-            _mm_prefetch::<_MM_HINT_T1>(sp.wrapping_add(ahead / k.tile_bytes * k.groups * ROWS_PER_TILE) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(sp.wrapping_add(scales_ahead) as *const i8);
             let sc4 = _mm512_castps128_ps512(_mm_loadu_ps(sp));
             let sc = _mm512_permutexvar_ps(lane_of_row, sc4);
             for t in 0..NT {
