@@ -344,6 +344,12 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
             }
         }
     }
+    if NT == INT8_TOKENS {
+        // SAFETY: as for this function; NT = 4, so the 16 sums are [row r][token t] of this block.
+        let sums: [[__m512i; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t][0]));
+        finish_int8_block::<VNNI>(&sums, scales, acts, tile, t0, out, ldo);
+        return;
+    }
     for r in 0..ROWS_PER_TILE {
         let row = tile * ROWS_PER_TILE + r;
         for t in 0..NT {
@@ -354,5 +360,64 @@ unsafe fn int8_body<const NT: usize, const VNNI: bool>(
             *out.get_unchecked_mut((t0 + t) * ldo + row) =
                 finish_int8(*scales.get_unchecked(row), dot, *acts.s.get_unchecked(t0 + t));
         }
+    }
+}
+
+/// The 4 rows x 4 tokens of an int8 block finished together: the 16 accumulators are reduced into one
+/// vector by a transposing tree (integer adds: exact in any order), whose lane 4 t + r then holds
+/// row r, token t; the float epilogue runs on all 16 lanes with the same operations as
+/// `finish_int8`, so the bits equal the one-at-a-time path at ~1/4 of its reduction work.
+#[inline(always)]
+unsafe fn finish_int8_block<const VNNI: bool>(
+    acc: &[[__m512i; 4]; 4],
+    scales: &[f32],
+    acts: &Int8Acts,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let v: [__m512; 16] = std::array::from_fn(|k| _mm512_castsi512_ps(acc[k / 4][k % 4]));
+    let add =
+        |a: __m512, b: __m512| _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+    // halves: 256-bit lanes of 2 k and 2 k + 1 side by side
+    let h: [__m512; 8] = std::array::from_fn(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        add(_mm512_shuffle_f32x4::<0b01_00_01_00>(a, b), _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b))
+    });
+    // quarters: 128-bit lane l of q[m] holds the four partial sums of k = 4 m + l
+    let q: [__m512; 4] = std::array::from_fn(|m| {
+        let (a, b) = (h[2 * m], h[2 * m + 1]);
+        add(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+    });
+    let pair =
+        |a: __m512, b: __m512| add(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b));
+    let (e0, e1) = (pair(q[0], q[1]), pair(q[2], q[3]));
+    // lane 4 l + m holds k = 4 m + l, i.e. lane 4 t + r holds [row r][token t]
+    let mut dot = _mm512_castps_si512(add(
+        _mm512_shuffle_ps::<0b10_00_10_00>(e0, e1),
+        _mm512_shuffle_ps::<0b11_01_11_01>(e0, e1),
+    ));
+    let per_token = |f: &dyn Fn(usize) -> f32| {
+        _mm512_setr_ps(f(0), f(0), f(0), f(0), f(1), f(1), f(1), f(1), f(2), f(2), f(2), f(2), f(3), f(3), f(3), f(3))
+    };
+    if VNNI {
+        let sum = |t: usize| *acts.sums.get_unchecked(t0 + t);
+        let (s0, s1, s2, s3) = (sum(0), sum(1), sum(2), sum(3));
+        let sums = _mm512_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1, s2, s2, s2, s2, s3, s3, s3, s3);
+        // dot - 128 * sum(x), wrapping as the scalar path's i32 arithmetic
+        dot = _mm512_sub_epi32(dot, _mm512_slli_epi32::<7>(sums));
+    }
+    let row_scales = _mm512_broadcast_f32x4(_mm_loadu_ps(scales.as_ptr().add(tile * ROWS_PER_TILE)));
+    let s = per_token(&|t| *acts.s.get_unchecked(t0 + t));
+    let y = _mm512_div_ps(_mm512_mul_ps(row_scales, _mm512_cvtepi32_ps(dot)), s);
+    let rows = [
+        _mm512_extractf32x4_ps::<0>(y),
+        _mm512_extractf32x4_ps::<1>(y),
+        _mm512_extractf32x4_ps::<2>(y),
+        _mm512_extractf32x4_ps::<3>(y),
+    ];
+    for (t, r) in rows.into_iter().enumerate() {
+        _mm_storeu_ps(out.as_mut_ptr().add((t0 + t) * ldo + tile * ROWS_PER_TILE), r);
     }
 }
