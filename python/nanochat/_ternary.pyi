@@ -90,14 +90,14 @@ def attend_decode(
     qkv: npt.NDArray[np.float32],
     cos: npt.NDArray[np.float32],
     sin: npt.NDArray[np.float32],
-    k_cache: npt.NDArray[np.float32],
-    v_cache: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float16],
+    v_cache: npt.NDArray[np.float16],
     pos: int,
     n_heads: int,
     scale: float,
 ) -> npt.NDArray[np.float32]:
     """One decode step of attention for one sequence: RoPE on q and k of qkv [q | k | v] (float32
-    [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written into k_cache/v_cache [KVH, capacity,
+    [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written (rounded) into float16 k_cache/v_cache [KVH, capacity,
     hd] at pos, softmax attention of each query head over positions 0..=pos -> float32 [H hd]."""
 
 def mhc_read(xs: npt.NDArray[np.float32], h_pre: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -150,12 +150,12 @@ class DecodeLayer:
         xs: npt.NDArray[np.float32],
         cos: npt.NDArray[np.float32],
         sin: npt.NDArray[np.float32],
-        k_caches: list[npt.NDArray[np.float32]],
-        v_caches: list[npt.NDArray[np.float32]],
+        k_caches: list[npt.NDArray[np.float16]],
+        v_caches: list[npt.NDArray[np.float16]],
         positions: list[int],
     ) -> None:
         """The layer for B new tokens, in place on xs [n_streams, B, D]: cos/sin [B, hd] RoPE rows, one
-        [KVH, capacity, hd] k and v cache per sequence (k, v written at positions[i]; attention over 0..=positions[i])."""
+        [KVH, capacity, hd] float16 k and v cache per sequence (k, v written at positions[i]; attention over 0..=positions[i])."""
 
 class DecodeModel:
     """Every layer's decode step, the stream mean, the output norm and the int8 head: one call per step."""
@@ -166,12 +166,12 @@ class DecodeModel:
         xs: npt.NDArray[np.float32],
         cos: npt.NDArray[np.float32],
         sin: npt.NDArray[np.float32],
-        k_caches: list[npt.NDArray[np.float32]],
-        v_caches: list[npt.NDArray[np.float32]],
+        k_caches: list[npt.NDArray[np.float16]],
+        v_caches: list[npt.NDArray[np.float16]],
         positions: list[int],
     ) -> npt.NDArray[np.float32]:
         """xs [n_streams, B, D] (the new tokens' embeddings in every stream; overwritten), cos/sin [B, hd], one
-        [L, KVH, capacity, hd] k and v cache per sequence, the tokens' positions -> logits float32 [B, V]."""
+        [L, KVH, capacity, hd] float16 k and v cache per sequence, the tokens' positions -> logits float32 [B, V]."""
     def times(self) -> list[tuple[str, float]]:
         """Seconds per stage so far (qkv, attention, o, gate_up, down, head, norms/mHC/SiLU), summed over layers."""
     def reset_times(self) -> None: ...

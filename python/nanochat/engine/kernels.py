@@ -102,17 +102,19 @@ def numpy_silu_mul(gu: np.ndarray) -> np.ndarray:
 
 
 def numpy_attend_decode(qkv, cos, sin, k_cache, v_cache, pos: int, n_heads: int, scale: float) -> np.ndarray:
-    """One decode step of one sequence: RoPE, cache write at pos, softmax attention over 0..pos (see layer_ops.rs)."""
+    """One decode step of one sequence: RoPE, cache write at pos (float16 caches: rounded), softmax attention
+    over 0..pos in float32 (see layer_ops.rs)."""
     n_kv, _, hd = k_cache.shape
     swap = np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)])
     qk = qkv[:(n_heads + n_kv) * hd].reshape(n_heads + n_kv, hd)
     qk = qk * cos + qk[:, swap] * sin
     k_cache[:, pos] = qk[n_heads:]
     v_cache[:, pos] = qkv[(n_heads + n_kv) * hd:].reshape(n_kv, hd)
-    scores = np.matmul(qk[:n_heads].reshape(n_kv, -1, hd), k_cache[:, :pos + 1].transpose(0, 2, 1)) * np.float32(scale)
+    keys, values = k_cache[:, :pos + 1].astype(np.float32), v_cache[:, :pos + 1].astype(np.float32)
+    scores = np.matmul(qk[:n_heads].reshape(n_kv, -1, hd), keys.transpose(0, 2, 1)) * np.float32(scale)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     scores /= scores.sum(axis=-1, keepdims=True)
-    return np.matmul(scores, v_cache[:, :pos + 1]).reshape(n_heads * hd)
+    return np.matmul(scores, values).reshape(n_heads * hd)
 
 
 def numpy_mhc_read(xs: np.ndarray, h_pre: np.ndarray) -> np.ndarray:

@@ -78,12 +78,16 @@ class Weights:
 
 
 class KVCache:
-    """Keys and values of one sequence, preallocated for `capacity` positions: [L, KVH, capacity, hd]."""
+    """Keys and values of one sequence, preallocated for `capacity` positions: [L, KVH, capacity, hd].
+
+    float16 (rounded to nearest even when written, widened exactly when read): half the memory, and
+    decode attention reads half the bytes (nano-125m, 8 sequences at position 400: attention 4.2-5.5 ->
+    3.3-4.2 ms per step). Prefill and decode both attend over the rounded values."""
 
     def __init__(self, cfg: ModelConfig, capacity: int):
         shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = np.empty(shape, dtype=np.float32)
-        self.v = np.empty(shape, dtype=np.float32)
+        self.k = np.empty(shape, dtype=np.float16)
+        self.v = np.empty(shape, dtype=np.float16)
         self.capacity = capacity
         self.length = 0  # positions filled
 
@@ -217,17 +221,18 @@ class Transformer:
         for (_, cache), t in zip(seqs, lengths):
             p0, end = cache.length, start + t
             kc, vc = cache.k[li], cache.v[li]  # [KVH, capacity, hd]
-            kc[:, p0:p0 + t] = k[start:end].transpose(1, 0, 2)
+            kc[:, p0:p0 + t] = k[start:end].transpose(1, 0, 2)  # rounded to float16, as the decode step writes
             vc[:, p0:p0 + t] = v[start:end].transpose(1, 0, 2)
+            keys, values = kc[:, :p0 + t].astype(np.float32), vc[:, :p0 + t].astype(np.float32)
             # [KVH, r*t, hd]: the r query heads of a kv head share one 3-D matmul (BLAS-friendly, no broadcasting)
             qh = q[start:end].reshape(t, n_kv, r, hd).transpose(1, 2, 0, 3)
             for c0 in range(0, t, ATTN_QUERY_CHUNK):
                 c1 = min(t, c0 + ATTN_QUERY_CHUNK)
                 s_len = p0 + c1  # keys visible to the last query of this chunk
                 qc = qh[:, :, c0:c1].reshape(n_kv, r * (c1 - c0), hd)
-                scores = np.matmul(qc, kc[:, :s_len].transpose(0, 2, 1))
+                scores = np.matmul(qc, keys[:, :s_len].transpose(0, 2, 1))
                 kernels.causal_softmax(scores, c1 - c0, p0 + c0, self.scale)  # scaled, causal mask, in place
-                y = np.matmul(scores, vc[:, :s_len])  # [KVH, r*c, hd]
+                y = np.matmul(scores, values[:, :s_len])  # [KVH, r*c, hd]
                 out[start + c0:start + c1] = y.reshape(n_kv, r, c1 - c0, hd).transpose(2, 0, 1, 3).reshape(c1 - c0, self.q_dim)
             start = end
         if layer.attn_sub_norm is not None:

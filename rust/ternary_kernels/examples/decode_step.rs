@@ -1,6 +1,8 @@
 //! Time the native decode step on random nano-125m-shaped weights, without Python.
 //! Usage: cargo run --release --example decode_step -- [BATCH] [CONTEXT] [STEPS]
 use std::sync::Arc;
+
+use half::f16;
 use std::time::Instant;
 
 use _ternary::decode::{DecodeLayer, DecodeModel, Exec, LayerParts, Mhc, ModelCache, Rope, STAGES};
@@ -54,8 +56,8 @@ fn main() {
     let model = DecodeModel::new(decode_layers, vec![1.0; d], head).expect("model");
     let capacity = context + steps + 1;
     let per_seq = layers * kv_heads * capacity * hd;
-    let mut k: Vec<Vec<f32>> =
-        (0..b).map(|_| (0..per_seq).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect()).collect();
+    let mut k: Vec<Vec<f16>> =
+        (0..b).map(|_| (0..per_seq).map(|i| f16::from_f32(((i % 97) as f32 - 48.0) * 0.01)).collect()).collect();
     let mut v = k.clone();
     let mut xs: Vec<f32> = (0..2 * b * d).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
     let (cos, sin) = (vec![1.0f32; b * hd], vec![0.0f32; b * hd]);

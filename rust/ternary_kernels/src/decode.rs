@@ -17,6 +17,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use half::f16;
+
 use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,10 +88,10 @@ pub struct LayerParts {
     pub scale: f32,
 }
 
-/// One sequence's KV cache for this layer: k and v [KVH, capacity, hd], and where the new token goes.
+/// One sequence's KV cache for this layer: k and v [KVH, capacity, hd] (float16), and where the new token goes.
 pub struct SeqCache<'a> {
-    pub k: &'a mut [f32],
-    pub v: &'a mut [f32],
+    pub k: &'a mut [f16],
+    pub v: &'a mut [f16],
     pub pos: usize,
 }
 
@@ -273,7 +275,7 @@ impl DecodeLayer {
             }
         }
         let attend_head =
-            |(i, g, shape, pos, k, v, o): (usize, usize, AttnShape, usize, &mut [f32], &mut [f32], &mut [f32])| {
+            |(i, g, shape, pos, k, v, o): (usize, usize, AttnShape, usize, &mut [f16], &mut [f16], &mut [f32])| {
                 // this kv head's [r query heads | k | v], as attend_decode takes them for a one-kv-head shape
                 let q = &qkv[i * qkv_dim..(i + 1) * qkv_dim];
                 let mut head_qkv = Vec::with_capacity((r + 2) * hd);
@@ -373,10 +375,10 @@ pub struct DecodeModel {
     pub times: StageTimes,
 }
 
-/// One sequence's whole KV cache: k and v [L, KVH, capacity, hd], and where the new token goes.
+/// One sequence's whole KV cache: k and v [L, KVH, capacity, hd] (float16), and where the new token goes.
 pub struct ModelCache<'a> {
-    pub k: &'a mut [f32],
-    pub v: &'a mut [f32],
+    pub k: &'a mut [f16],
+    pub v: &'a mut [f16],
     pub pos: usize,
 }
 
@@ -537,7 +539,8 @@ mod tests {
         let (b, d, cap) = (2, 64, 8);
         let xs0 = values(2 * b * d, 5.0);
         let (cos, sin) = (values(b * 16, 6.0), values(b * 16, 7.0));
-        let caches0: Vec<Vec<f32>> = (0..2 * b).map(|i| values(2 * cap * 16, i as f32)).collect();
+        let caches0: Vec<Vec<f16>> =
+            (0..2 * b).map(|i| values(2 * cap * 16, i as f32).into_iter().map(f16::from_f32).collect()).collect();
         let positions = [3, 6];
         // by hand, the order model.py's Python loop calls them in
         let mut want = xs0.clone();
@@ -602,7 +605,7 @@ mod tests {
         let layer = DecodeLayer::new(parts()).unwrap();
         let ex = Exec { isa: best_isa(), threads: 1 };
         let rope = Rope { cos: &[0.0; 16], sin: &[0.0; 16] };
-        let (mut k, mut v) = (vec![0f32; 2 * 4 * 16], vec![0f32; 2 * 4 * 16]);
+        let (mut k, mut v) = (vec![f16::ZERO; 2 * 4 * 16], vec![f16::ZERO; 2 * 4 * 16]);
         let mut caches = [SeqCache { k: &mut k, v: &mut v, pos: 0 }];
         let e = layer.step(&mut [0.0; 64], &rope, &mut caches, ex).unwrap_err().to_string();
         assert!(e.starts_with("xs: expected 128 values ([n_streams, B, D])"), "{e}");

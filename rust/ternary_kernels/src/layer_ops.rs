@@ -14,6 +14,9 @@
 //! 45 -> 21 us at position 150, 275 -> 97 us at position 1000. SiLU * up uses the same exp: 29.5 -> 3.6 us
 //! for one token of F = 2688, 115 -> 23 us for eight.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::error::{invalid, Result};
 
 const LANES: usize = 16;
@@ -222,15 +225,16 @@ fn causal_softmax_rows(scores: &mut [f32], s_len: usize, c: usize, q0: usize, sc
 }
 
 /// One token of one sequence at position `pos`: rope q and k of `qkv` ([q | k | v] heads), write k and
-/// v into the caches ([KVH, capacity, hd]) at `pos`, attend over positions 0..=pos; out [n_heads * hd].
+/// v into the caches ([KVH, capacity, hd], float16: rounded to nearest even) at `pos`, attend over
+/// positions 0..=pos in f32 (the cached rows are widened exactly); out [n_heads * hd].
 #[allow(clippy::too_many_arguments)]
 pub fn attend_decode(
     s: AttnShape,
     qkv: &[f32],
     cos: &[f32],
     sin: &[f32],
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
     pos: usize,
     scale: f32,
     out: &mut [f32],
@@ -268,10 +272,12 @@ pub fn attend_decode(
     }
     let (q_raw, kv) = qkv.split_at(q_dim);
     let (k_new, v_new) = kv.split_at(kv_dim);
+    let mut k_row = vec![0f32; hd];
     for g in 0..s.n_kv_heads {
         let at = (g * s.capacity + pos) * hd;
-        rope(&k_new[g * hd..(g + 1) * hd], cos, sin, &mut k_cache[at..at + hd]);
-        v_cache[at..at + hd].copy_from_slice(&v_new[g * hd..(g + 1) * hd]);
+        rope(&k_new[g * hd..(g + 1) * hd], cos, sin, &mut k_row);
+        k_cache[at..at + hd].convert_from_f32_slice(&k_row);
+        v_cache[at..at + hd].convert_from_f32_slice(&v_new[g * hd..(g + 1) * hd]);
     }
     let input = AttnInput { s, q_raw, cos, sin, k_cache, v_cache, pos, scale };
     #[cfg(target_arch = "x86_64")]
@@ -297,8 +303,8 @@ struct AttnInput<'a> {
     q_raw: &'a [f32],
     cos: &'a [f32],
     sin: &'a [f32],
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: &'a [f16],
+    v_cache: &'a [f16],
     pos: usize,
     scale: f32,
 }
@@ -326,6 +332,8 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
     let r = s.n_heads / s.n_kv_heads;
     let mut q = vec![0f32; r * hd];
     let mut p = vec![0f32; r * n];
+    // the generic loops take one kv head's cached rows widened to f32 (exact); AVX-512 widens in registers
+    let mut rows = Vec::new();
     // the cache rows are cold (a decode step streams megabytes of weights between two layers' attention):
     // ask for them up front so their misses overlap; beyond PREFETCH_ROWS the hardware streams keep up
     // (prefetching a whole long context only evicted itself: 97 -> 128 us at position 1000)
@@ -342,10 +350,10 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
             // SAFETY: AVX512 is true only inside attend_avx512, which runs on CPUs with AVX-512F.
             unsafe { scores_avx512(&q, keys, hd, a.scale, &mut p) };
         } else {
-            scores(&q, keys, hd, a.scale, &mut p);
+            scores(&q, widen(keys, &mut rows), hd, a.scale, &mut p);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        scores(&q, keys, hd, a.scale, &mut p);
+        scores(&q, widen(keys, &mut rows), hd, a.scale, &mut p);
         let mut inv_sums = [0f32; MAX_GROUP];
         for (i, row) in p.chunks_exact_mut(n).enumerate() {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -359,10 +367,10 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
             // SAFETY: AVX512 is true only inside attend_avx512, which runs on CPUs with AVX-512F.
             unsafe { weighted_values_avx512(&p, values, hd, o) };
         } else {
-            weighted_values(&p, values, hd, o);
+            weighted_values(&p, widen(values, &mut rows), hd, o);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        weighted_values(&p, values, hd, o);
+        weighted_values(&p, widen(values, &mut rows), hd, o);
         for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
             let inv = if r <= MAX_GROUP { inv_sums[i] } else { 1.0 / sum_lanes(&p[i * n..(i + 1) * n]) };
             oi.iter_mut().for_each(|o| *o *= inv);
@@ -370,26 +378,33 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
     }
 }
 
+/// x widened to f32 into `buf` (exact: every f16 is an f32); returns the widened slice.
+fn widen<'a>(x: &[f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    buf.resize(x.len(), 0.0);
+    x.convert_to_f32_slice(buf);
+    buf
+}
+
 /// Cached positions per kv head prefetched at the start of a decode attention call.
 const PREFETCH_ROWS: usize = 64;
 
 /// Prefetch hints (into L2) for the first min(n, PREFETCH_ROWS) positions of each kv head of a cache
 /// [KVH, capacity, hd]; returns the bytes asked for. No effect on results.
-pub fn prefetch_cache(s: AttnShape, cache: &[f32], n: usize) -> usize {
+pub fn prefetch_cache<T>(s: AttnShape, cache: &[T], n: usize) -> usize {
     let (hd, rows) = (s.head_dim, n.min(PREFETCH_ROWS).min(s.capacity));
     for g in 0..s.n_kv_heads {
         if let Some(head) = cache.get(g * s.capacity * hd..(g * s.capacity + rows) * hd) {
             prefetch_l2(head);
         }
     }
-    s.n_kv_heads * rows * hd * 4
+    s.n_kv_heads * rows * hd * std::mem::size_of::<T>()
 }
 
 /// Prefetch hints (into L2) for every 64-byte line of x; no effect on results.
 #[inline(always)]
-fn prefetch_l2(x: &[f32]) {
+fn prefetch_l2<T>(x: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in x.chunks(16) {
+    for line in x.chunks((64 / std::mem::size_of::<T>().max(1)).max(1)) {
         // SAFETY: a prefetch never faults, and the pointer is inside x.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8) };
     }
@@ -408,11 +423,12 @@ fn scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, p: &mut [f32]) {
     }
 }
 
-/// `scores` in AVX-512 registers for hd a multiple of 16: one zmm of 16 lanes accumulates mul then add,
+/// `scores` in AVX-512 registers for hd a multiple of 16, the f16 keys widened in registers (`vcvtph2ps`,
+/// exact): one zmm of 16 lanes accumulates mul then add,
 /// reduced as `tree_sum` does (8 + 8, 4 + 4, 2 + 2, 1 + 1), so the bits equal the generic path's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn scores_avx512(q: &[f32], keys: &[f32], hd: usize, scale: f32, p: &mut [f32]) {
+fn scores_avx512(q: &[f32], keys: &[f16], hd: usize, scale: f32, p: &mut [f32]) {
     use std::arch::x86_64::*;
     let (n, r) = (keys.len() / hd, q.len() / hd);
     assert!(hd.is_multiple_of(LANES) && p.len() >= r * n && keys.len() == n * hd && q.len() == r * hd);
@@ -424,7 +440,8 @@ fn scores_avx512(q: &[f32], keys: &[f32], hd: usize, scale: f32, p: &mut [f32]) 
                 let (qi, key) = (q.as_ptr().add(i * hd), keys.as_ptr().add(j * hd));
                 let mut acc = _mm512_setzero_ps();
                 for c in (0..hd).step_by(LANES) {
-                    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qi.add(c)), _mm512_loadu_ps(key.add(c))));
+                    let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(c) as *const __m256i));
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qi.add(c)), k));
                 }
                 let halves = _mm512_add_ps(acc, _mm512_shuffle_f32x4::<0b11_10_11_10>(acc, acc));
                 let low = _mm512_castps512_ps256(halves);
@@ -454,10 +471,11 @@ fn weighted_values(p: &[f32], values: &[f32], hd: usize, o: &mut [f32]) {
 const VALUE_BLOCK: usize = 64;
 
 /// `weighted_values` with each head's 64-column block of o held in 4 zmm registers over all j (the
-/// generic loop loads and stores o for every j); same operations in the same order, same bits.
+/// generic loop loads and stores o for every j), the f16 values widened in registers; same operations in
+/// the same order on the same (exactly widened) values, same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn weighted_values_avx512(p: &[f32], values: &[f32], hd: usize, o: &mut [f32]) {
+fn weighted_values_avx512(p: &[f32], values: &[f16], hd: usize, o: &mut [f32]) {
     use std::arch::x86_64::*;
     let (n, r) = (values.len() / hd, o.len() / hd);
     assert!(hd.is_multiple_of(VALUE_BLOCK) && p.len() >= r * n && values.len() == n * hd && o.len() == r * hd);
@@ -471,7 +489,8 @@ fn weighted_values_avx512(p: &[f32], values: &[f32], hd: usize, o: &mut [f32]) {
                     let w = _mm512_set1_ps(*p.get_unchecked(i * n + j));
                     let v = values.as_ptr().add(j * hd + c);
                     for (k, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, _mm512_loadu_ps(v.add(16 * k))));
+                        let value = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * k) as *const __m256i));
+                        *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, value));
                     }
                 }
                 for (k, acc) in acc.iter().enumerate() {
@@ -625,18 +644,21 @@ mod tests {
             return;
         }
         let (r, n, hd) = (3, 37, 64);
+        let half = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
+        let wide = |v: &[f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
         let q: Vec<f32> = (0..r * hd).map(|i| (i as f32 * 0.31).sin()).collect();
-        let keys: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.17).cos()).collect();
+        let keys = half((0..n * hd).map(|i| (i as f32 * 0.17).cos()).collect());
         let (mut want, mut got) = (vec![0f32; r * n], vec![0f32; r * n]);
-        scores(&q, &keys, hd, 0.125, &mut want);
+        scores(&q, &wide(&keys), hd, 0.125, &mut want);
         // SAFETY: AVX-512F is present (checked above).
         unsafe { scores_avx512(&q, &keys, hd, 0.125, &mut got) };
         assert_eq!(got, want);
-        let values: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.23).sin()).collect();
+        let values = half((0..n * hd).map(|i| (i as f32 * 0.23).sin()).collect());
         let (mut want, mut got) = (vec![0f32; r * hd], vec![1f32; r * hd]);
-        weighted_values(&got_p(&keys, r, n), &values, hd, &mut want);
+        let p = got_p(&wide(&keys), r, n);
+        weighted_values(&p, &wide(&values), hd, &mut want);
         // SAFETY: AVX-512F is present (checked above).
-        unsafe { weighted_values_avx512(&got_p(&keys, r, n), &values, hd, &mut got) };
+        unsafe { weighted_values_avx512(&p, &values, hd, &mut got) };
         assert_eq!(got, want);
     }
 
@@ -697,8 +719,8 @@ mod tests {
     fn attention_matches_the_definition() {
         let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, capacity: 6 };
         let (hd, pos) = (8, 3);
-        let mut k_cache: Vec<f32> = (0..2 * 6 * hd).map(|i| (i as f32 * 0.11).cos()).collect();
-        let mut v_cache: Vec<f32> = (0..2 * 6 * hd).map(|i| (i as f32 * 0.07).sin()).collect();
+        let mut k_cache: Vec<f16> = (0..2 * 6 * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos())).collect();
+        let mut v_cache: Vec<f16> = (0..2 * 6 * hd).map(|i| f16::from_f32((i as f32 * 0.07).sin())).collect();
         let qkv: Vec<f32> = (0..(4 + 4) * hd).map(|i| (i as f32 * 0.29).sin()).collect();
         let cos: Vec<f32> = (0..hd).map(|i| ((i % 4) as f32 * 0.3).cos()).collect();
         let sin: Vec<f32> =
@@ -710,24 +732,27 @@ mod tests {
         };
         for g in 0..2 {
             let at = (g * 6 + pos) * hd;
+            // written rounded to float16 (relative error <= 2^-11)
+            let k_written: Vec<f32> = k_cache[at..at + hd].iter().map(|v| v.to_f32()).collect();
             close(
-                &k_cache[at..at + hd],
+                &k_written,
                 &rot(&qkv[(4 + g) * hd..(5 + g) * hd]).iter().map(|v| *v as f32).collect::<Vec<_>>(),
-                1e-6,
+                1e-3,
             );
-            assert_eq!(&v_cache[at..at + hd], &qkv[(6 + g) * hd..(7 + g) * hd]);
+            let v_want: Vec<f16> = qkv[(6 + g) * hd..(7 + g) * hd].iter().map(|&v| f16::from_f32(v)).collect();
+            assert_eq!(&v_cache[at..at + hd], &v_want[..]);
         }
         for h in 0..4 {
             let g = h / 2;
             let q = rot(&qkv[h * hd..(h + 1) * hd]);
             let scores: Vec<f64> = (0..=pos)
-                .map(|j| (0..hd).map(|d| q[d] * k_cache[(g * 6 + j) * hd + d] as f64).sum::<f64>() * 0.5)
+                .map(|j| (0..hd).map(|d| q[d] * k_cache[(g * 6 + j) * hd + d].to_f64()).sum::<f64>() * 0.5)
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|v| (v - m).exp()).collect();
             let z: f64 = e.iter().sum();
             let want: Vec<f32> = (0..hd)
-                .map(|d| ((0..=pos).map(|j| e[j] / z * v_cache[(g * 6 + j) * hd + d] as f64).sum::<f64>()) as f32)
+                .map(|d| ((0..=pos).map(|j| e[j] / z * v_cache[(g * 6 + j) * hd + d].to_f64()).sum::<f64>()) as f32)
                 .collect();
             close(&out[h * hd..(h + 1) * hd], &want, 1e-5);
         }

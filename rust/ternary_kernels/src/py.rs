@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use half::f16;
+
 use numpy::ndarray::Array2;
 use numpy::{
     dtype, Element, IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
@@ -381,8 +383,9 @@ fn silu_mul<'py>(py: Python<'py>, gu: numpy::PyReadonlyArrayDyn<'py, f32>) -> Py
 }
 
 /// One decode step of attention for one sequence: RoPE on q and k of qkv [q | k | v] (float32
-/// [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written into k_cache/v_cache [KVH, capacity,
-/// hd] at pos, softmax attention of each query head over positions 0..=pos -> float32 [H hd].
+/// [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written (rounded) into the float16 caches
+/// k_cache/v_cache [KVH, capacity, hd] at pos, softmax attention of each query head over positions
+/// 0..=pos -> float32 [H hd].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn attend_decode<'py>(
@@ -390,8 +393,8 @@ fn attend_decode<'py>(
     qkv: numpy::PyReadonlyArrayDyn<'py, f32>,
     cos: numpy::PyReadonlyArrayDyn<'py, f32>,
     sin: numpy::PyReadonlyArrayDyn<'py, f32>,
-    mut k_cache: numpy::PyReadwriteArrayDyn<'py, f32>,
-    mut v_cache: numpy::PyReadwriteArrayDyn<'py, f32>,
+    mut k_cache: numpy::PyReadwriteArrayDyn<'py, f16>,
+    mut v_cache: numpy::PyReadwriteArrayDyn<'py, f16>,
     pos: usize,
     n_heads: usize,
     scale: f32,
@@ -532,8 +535,8 @@ struct StepArgs<'py> {
     xs: numpy::PyReadwriteArrayDyn<'py, f32>,
     cos: numpy::PyReadonlyArrayDyn<'py, f32>,
     sin: numpy::PyReadonlyArrayDyn<'py, f32>,
-    ks: Vec<numpy::PyReadwriteArrayDyn<'py, f32>>,
-    vs: Vec<numpy::PyReadwriteArrayDyn<'py, f32>>,
+    ks: Vec<numpy::PyReadwriteArrayDyn<'py, f16>>,
+    vs: Vec<numpy::PyReadwriteArrayDyn<'py, f16>>,
     positions: Vec<usize>,
 }
 
@@ -572,8 +575,8 @@ fn step_args<'py>(
     let mut vs = Vec::with_capacity(b);
     let mut pos = Vec::with_capacity(b);
     for i in 0..b {
-        let (k, k_shape) = checked_array::<f32>("k_caches", &k_caches[i], &[lead.len() + 2], "float32")?;
-        let (v, v_shape) = checked_array::<f32>("v_caches", &v_caches[i], &[lead.len() + 2], "float32")?;
+        let (k, k_shape) = checked_array::<f16>("k_caches", &k_caches[i], &[lead.len() + 2], "float16")?;
+        let (v, v_shape) = checked_array::<f16>("v_caches", &v_caches[i], &[lead.len() + 2], "float16")?;
         let capacity = k_shape[lead.len()];
         if k_shape[..lead.len()] != *lead || k_shape[lead.len() + 1] != hd || v_shape != k_shape {
             return Err(invalid(
