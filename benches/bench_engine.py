@@ -5,7 +5,8 @@
     .venv/bin/python benches/bench_engine.py --preset tiny --decode-tokens 64
 
 Prints: file size, decode tokens/s for one sequence (and the share of decode time spent inside the
-Rust kernel calls), prefill tokens/s for a 512-token prompt, aggregate tokens/s with 8 concurrent
+Rust kernel calls), prefill tokens/s for a 512-token prompt, decode tokens/s of 1 and 8 sequences at
+1024 cached positions (--long-context), aggregate tokens/s with 8 concurrent
 sequences through the Scheduler vs 1, and the same model's decode speed in PyTorch fp32 (KV-cached
 greedy loop) with the ratio. Targets (nano-125m, 2 cores): decode >= 300 tok/s, prefill >= 1000 tok/s,
 8-seq aggregate >= 3x single, engine >= 8x PyTorch fp32.
@@ -157,6 +158,28 @@ def decode_speed(engine: Engine, prompt: list[int], n: int) -> tuple[float, dict
     return n / elapsed, parts
 
 
+def long_context_speed(engine: Engine, prompt: list[int], batches: list[int], n: int) -> dict[int, float]:
+    """Decode tokens/s of B sequences (each B in batches) whose caches already hold len(prompt) positions:
+    one prefill, its KV cache copied to every sequence, then n greedy decode steps of all B at once."""
+    model = engine.model
+    first = model.new_cache(len(prompt) + n + 1)
+    logits = model.forward([(prompt, first)])
+    out = {}
+    for b in batches:
+        caches = []
+        for _ in range(b):
+            c = model.new_cache(first.capacity)
+            c.k[...], c.v[...], c.length = first.k, first.v, first.length
+            caches.append(c)
+        tokens = [int(np.argmax(logits[0]))] * b
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step = model.forward([([t], c) for t, c in zip(tokens, caches)])
+            tokens = [int(t) for t in step.argmax(-1)]
+        out[b] = b * n / (time.perf_counter() - t0)
+    return out
+
+
 def prefill_speed(engine: Engine, prompt: list[int], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -262,6 +285,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128, help="decode steps to time")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill")
     parser.add_argument("--batch", type=int, default=8, help="concurrent sequences for the aggregate figure")
+    parser.add_argument("--long-context", type=int, default=1024,
+                        help="also time decoding at this many cached positions, 1 and --batch sequences (0 = skip)")
     parser.add_argument("--batch-sizes", type=lambda v: [int(b) for b in v.split(",") if b], default=[],
                         help="more concurrent-sequence counts to report through the scheduler, e.g. 2,4")
     parser.add_argument("--scheduler-temperature", type=float, default=0.0,
@@ -304,6 +329,11 @@ def main() -> None:
     long_prompt = [int(t) for t in rng.integers(4, vocab, min(args.prefill_tokens, engine.max_seq_len))]
     results["prefill"] = prefill_speed(engine, long_prompt, repeats=2)
     print(f"prefill ({len(long_prompt)} tokens): {results['prefill']:.1f} tok/s")
+    if args.long_context > 0:
+        ctx = min(args.long_context, engine.max_seq_len - 40)
+        long = long_context_speed(engine, [int(t) for t in rng.integers(4, vocab, ctx)], [1, args.batch], 32)
+        print(f"decode at {ctx} cached positions: 1 sequence {long[1]:.1f} tok/s, "
+              f"{args.batch} sequences {long[args.batch]:.1f} tok/s")
     n = max(16, args.decode_tokens // 2)
     sizes = sorted({args.batch, *args.batch_sizes})
     speeds = scheduler_speeds(engine, prompt, sizes, n, args.scheduler_temperature, rng)
