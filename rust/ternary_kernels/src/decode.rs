@@ -337,7 +337,7 @@ const WARM_IDLE: Duration = Duration::from_millis(1);
 ///
 /// A decode step opens ~60 short parallel regions (matmuls, attention) separated by serial work; an
 /// idle rayon worker goes to sleep within tens of microseconds, and waking it again costs ~20 us per
-/// region (ops_probe with 100 us of serial work between 8-token matmuls: 768x768 on 2 threads 27 ->
+/// region (examples/ops_probe with GAP_US=100 between 8-token matmuls: 768x768 on 2 threads 27 ->
 /// 51 us mean). Helpers instead steal through `rayon::yield_now` and spin while there is nothing,
 /// until `f` returns or they stay idle for WARM_IDLE. Results do not change: the same chunks run.
 fn with_warm_pool<R: Send>(helpers: usize, f: impl FnOnce() -> R + Send) -> R {

@@ -89,7 +89,7 @@ const MIN_TOKEN_CHUNK: usize = 8;
 /// memmove). Each chunk reads the weights again, from cache, at >= 8 tokens of work per weight.
 /// Chunks come in multiples of the thread count, at least two per thread: with one per thread, a
 /// worker that is slow to wake finds its chunk already taken by the caller, and the call runs on one
-/// thread (ops_probe, 1280x768 at 32 tokens: 319 instead of ~540 GOPS). Needs M a whole number of
+/// thread (examples/ops_probe, 1280x768 at 32 tokens: 319 instead of ~540 GOPS). Needs M a whole number of
 /// tiles (every part's rows then land inside y). Returns the tokens per chunk.
 fn by_tokens(rows: usize, tokens: usize, threads: usize) -> Option<usize> {
     let threads = threads.max(1);
