@@ -378,11 +378,38 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
     }
 }
 
-/// x widened to f32 into `buf` (exact: every f16 is an f32); returns the widened slice.
+/// x widened to f32 into `buf` (exact: every f16 is an f32); returns the widened slice. With F16C
+/// (every AVX2 CPU this project targets) the whole slice goes through one `vcvtph2ps` loop: `half`'s
+/// slice conversion calls a function per 8 values, which on AVX-512 made attention slower than the
+/// float32 cache it replaced (1 sequence at context 400: 0.77-0.81 -> 0.88-0.93 ms per step).
 fn widen<'a>(x: &[f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
     buf.resize(x.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has F16C (checked on the line above).
+        unsafe { widen_f16c(x, buf) };
+        return buf;
+    }
     x.convert_to_f32_slice(buf);
     buf
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn widen_f16c(x: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(x.len(), out.len());
+    let whole = x.len() - x.len() % 8;
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= whole <= x.len() == out.len(), so both 8-value accesses are in bounds.
+        unsafe {
+            let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+    }
+    for (o, v) in out[whole..].iter_mut().zip(&x[whole..]) {
+        *o = v.to_f32();
+    }
 }
 
 /// Cached positions per kv head prefetched at the start of a decode attention call.
@@ -635,6 +662,22 @@ mod tests {
 
     fn got_p(x: &[f32], r: usize, n: usize) -> Vec<f32> {
         x[..r * n].iter().map(|v| v.abs() / n as f32).collect()
+    }
+
+    #[test]
+    fn widening_equals_the_exact_conversion() {
+        // every f16 bit pattern but NaNs (whose payload bits need not survive), at lengths that leave tails
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).filter(|v| !v.is_nan()).collect();
+        for len in [0, 1, 7, 8, 9, 61, all.len()] {
+            let x = &all[all.len() - len..];
+            let mut buf = Vec::new();
+            let got = widen(x, &mut buf).to_vec();
+            let want: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]
