@@ -17,6 +17,7 @@ const EPS: f32 = 1e-5;
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Quantize one token into `q` (same length as `x`); returns s.
+#[inline(always)]
 pub fn quantize_token(x: &[f32], q: &mut [i8]) -> f32 {
     // For finite floats the order of |v| is the order of its bits with the sign cleared, and inf/NaN
     // sit above every finite value: one integer max (which vectorizes) finds both.
@@ -32,6 +33,47 @@ pub fn quantize_token(x: &[f32], q: &mut [i8]) -> f32 {
         // round_half_even(v * s) sits in the low mantissa bits.
         let rounded = (v * s + ROUND_MAGIC).to_bits() as i32 - magic_bits;
         *dst = rounded.clamp(-128, 127) as i8;
+    }
+    s
+}
+
+/// Quantize one token x into q[..x.len()] (q: the token's zero-padded row) and write the sum of q over
+/// each `group` values into `sums`; returns s. The same source compiled for AVX2 / AVX-512 where the
+/// CPU has them (integer and IEEE f32 operations only, never fused: the same bits on every path), since
+/// the default x86-64 target vectorizes it to SSE2 only: 768 values took 360 ns, 7% of a 768 x 768
+/// GEMV.
+pub fn quantize_token_sums(x: &[f32], q: &mut [i8], group: usize, sums: &mut [i32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512F and AVX-512BW (checked on the line above; BW implies F).
+            return unsafe { quantize_sums_avx512(x, q, group, sums) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked on the line above).
+            return unsafe { quantize_sums_avx2(x, q, group, sums) };
+        }
+    }
+    quantize_sums(x, q, group, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn quantize_sums_avx512(x: &[f32], q: &mut [i8], group: usize, sums: &mut [i32]) -> f32 {
+    quantize_sums(x, q, group, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_sums_avx2(x: &[f32], q: &mut [i8], group: usize, sums: &mut [i32]) -> f32 {
+    quantize_sums(x, q, group, sums)
+}
+
+#[inline(always)]
+fn quantize_sums(x: &[f32], q: &mut [i8], group: usize, sums: &mut [i32]) -> f32 {
+    let s = quantize_token(x, &mut q[..x.len()]);
+    for (sum, values) in sums.iter_mut().zip(q.chunks(group.max(1))) {
+        *sum = values.iter().map(|&v| v as i32).sum();
     }
     s
 }
@@ -67,10 +109,8 @@ impl TernaryActs {
         let mut group_sums = vec![0i32; tokens * groups];
         for t in 0..tokens {
             let qt = &mut q.i8s_mut()[t * kp..(t + 1) * kp];
-            s[t] = quantize_token(&x[t * cols..(t + 1) * cols], &mut qt[..cols]);
-            for (g, sum) in group_sums[t * groups..(t + 1) * groups].iter_mut().enumerate() {
-                *sum = qt[g * gs..(g + 1) * gs].iter().map(|&v| v as i32).sum();
-            }
+            let sums = &mut group_sums[t * groups..(t + 1) * groups];
+            s[t] = quantize_token_sums(&x[t * cols..(t + 1) * cols], qt, gs, sums);
         }
         TernaryActs { tokens, kp, groups, s, q, group_sums }
     }
@@ -95,8 +135,7 @@ impl Int8Acts {
         let mut sums = vec![0i32; tokens];
         for t in 0..tokens {
             let qt = &mut q.i8s_mut()[t * kp..(t + 1) * kp];
-            s[t] = quantize_token(&x[t * cols..(t + 1) * cols], &mut qt[..cols]);
-            sums[t] = qt.iter().map(|&v| v as i32).sum();
+            s[t] = quantize_token_sums(&x[t * cols..(t + 1) * cols], qt, kp, &mut sums[t..t + 1]);
         }
         Int8Acts { tokens, kp, s, q, sums }
     }
@@ -114,6 +153,32 @@ mod tests {
         assert_eq!(s, 127.0);
         // 0.25 * 127 = 31.75 -> 32; 0.5 * 127 = 63.5 -> 64 (half to even); -0.75 * 127 = -95.25 -> -95
         assert_eq!(q, [64, -127, 32, 0, 16, -95]);
+    }
+
+    #[test]
+    fn the_dispatched_build_equals_the_generic_one() {
+        let mut seed = 7u32;
+        for (cols, group) in [(1usize, 64usize), (63, 64), (768, 128), (1000, 256), (2688, 128)] {
+            let kp = cols.div_ceil(group) * group;
+            let mut x: Vec<f32> = (0..cols)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 * 6.0 - 3.0
+                })
+                .collect();
+            for poison in [None, Some(f32::NAN), Some(f32::NEG_INFINITY)] {
+                if let Some(p) = poison {
+                    x[cols / 2] = p;
+                }
+                let (mut q1, mut q2) = (vec![0i8; kp], vec![0i8; kp]);
+                let (mut s1, mut s2) = (vec![0i32; kp / group], vec![0i32; kp / group]);
+                let got = quantize_token_sums(&x, &mut q1, group, &mut s1);
+                let want = quantize_sums(&x, &mut q2, group, &mut s2);
+                assert_eq!((got.to_bits(), &q1, &s1), (want.to_bits(), &q2, &s2), "{cols} {group} {poison:?}");
+                let by_hand: Vec<i32> = q2.chunks(group).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+                assert_eq!(s2, by_hand);
+            }
+        }
     }
 
     #[test]
