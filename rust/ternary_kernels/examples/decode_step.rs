@@ -5,7 +5,7 @@ use std::sync::Arc;
 use half::f16;
 use std::time::Instant;
 
-use _ternary::decode::{DecodeLayer, DecodeModel, Exec, LayerParts, Mhc, ModelCache, Rope, STAGES};
+use _ternary::decode::{DecodeLayer, DecodeModel, Exec, LayerParts, Mhc, Rope, SeqCache, STAGES};
 use _ternary::format::TernaryShape;
 use _ternary::kernels::active_isa;
 use _ternary::{Int8Shape, PackedInt8, PackedTernary};
@@ -63,8 +63,7 @@ fn main() {
     let (cos, sin) = (vec![1.0f32; b * hd], vec![0.0f32; b * hd]);
     let ex = Exec { isa: active_isa().expect("isa"), threads: rayon::current_num_threads() };
     let mut run = |pos: usize| {
-        let mut caches: Vec<ModelCache> =
-            k.iter_mut().zip(v.iter_mut()).map(|(k, v)| ModelCache { k, v, pos }).collect();
+        let mut caches: Vec<SeqCache> = k.iter_mut().zip(v.iter_mut()).map(|(k, v)| SeqCache { k, v, pos }).collect();
         let mut x = xs.clone();
         let logits = model.step(&mut x, &Rope { cos: &cos, sin: &sin }, &mut caches, ex).expect("step");
         xs.iter_mut().zip(&x).for_each(|(a, b)| *a = 0.5 * *a + 0.5 * b.clamp(-4.0, 4.0));

@@ -88,7 +88,8 @@ pub struct LayerParts {
     pub scale: f32,
 }
 
-/// One sequence's KV cache for this layer: k and v [KVH, capacity, hd] (float16), and where the new token goes.
+/// One sequence's KV cache (float16) and where the new token goes: k and v [KVH, capacity, hd] for a
+/// `DecodeLayer`, [L, KVH, capacity, hd] for a `DecodeModel` (which hands each layer its slice).
 pub struct SeqCache<'a> {
     pub k: &'a mut [f16],
     pub v: &'a mut [f16],
@@ -375,13 +376,6 @@ pub struct DecodeModel {
     pub times: StageTimes,
 }
 
-/// One sequence's whole KV cache: k and v [L, KVH, capacity, hd] (float16), and where the new token goes.
-pub struct ModelCache<'a> {
-    pub k: &'a mut [f16],
-    pub v: &'a mut [f16],
-    pub pos: usize,
-}
-
 impl DecodeModel {
     pub fn new(layers: Vec<Arc<DecodeLayer>>, output_norm: Vec<f32>, head: Arc<PackedInt8>) -> Result<DecodeModel> {
         let Some(first) = layers.first() else {
@@ -421,13 +415,13 @@ impl DecodeModel {
     /// the caller until a worker wakes (on busy cores, a scheduler slice), while from inside it the
     /// calling worker starts on the chunks at once. nano-125m, medians of 3 interleaved bench_engine runs
     /// (load 1.3): decode 245 -> 272 tok/s, 8 sequences 648 -> 789 tok/s.
-    pub fn step(&self, xs: &mut [f32], rope: &Rope, caches: &mut [ModelCache], ex: Exec) -> Result<Vec<f32>> {
+    pub fn step(&self, xs: &mut [f32], rope: &Rope, caches: &mut [SeqCache], ex: Exec) -> Result<Vec<f32>> {
         with_warm_pool(ex.threads.min(rayon::current_num_threads()).saturating_sub(1), || {
             self.step_here(xs, rope, caches, ex)
         })
     }
 
-    fn step_here(&self, xs: &mut [f32], rope: &Rope, caches: &mut [ModelCache], ex: Exec) -> Result<Vec<f32>> {
+    fn step_here(&self, xs: &mut [f32], rope: &Rope, caches: &mut [SeqCache], ex: Exec) -> Result<Vec<f32>> {
         let first = &self.layers[0];
         let (n, b, d) = (first.streams, caches.len(), first.dim);
         let layer_len = first.p.n_kv_heads * first.head_dim;

@@ -540,6 +540,21 @@ struct StepArgs<'py> {
     positions: Vec<usize>,
 }
 
+impl StepArgs<'_> {
+    /// The borrowed arrays as the decode step takes them: xs, the RoPE rows and one cache per sequence.
+    fn views(&mut self) -> Result<(&mut [f32], decode::Rope<'_>, Vec<decode::SeqCache<'_>>)> {
+        let rope = decode::Rope { cos: slice_of("cos", &self.cos)?, sin: slice_of("sin", &self.sin)? };
+        let xs = self.xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
+        let mut caches = Vec::with_capacity(self.positions.len());
+        for ((k, v), &pos) in self.ks.iter_mut().zip(self.vs.iter_mut()).zip(&self.positions) {
+            let k = k.as_slice_mut().map_err(|_| invalid("k_caches", "not C-contiguous"))?;
+            let v = v.as_slice_mut().map_err(|_| invalid("v_caches", "not C-contiguous"))?;
+            caches.push(decode::SeqCache { k, v, pos });
+        }
+        Ok((xs, rope, caches))
+    }
+}
+
 /// Check and borrow xs [n, B, D], cos/sin [B, hd], B caches each [*lead, capacity, hd] and B positions.
 #[allow(clippy::too_many_arguments)]
 fn step_args<'py>(
@@ -678,14 +693,7 @@ impl PyDecodeLayer {
         let layer = &self.inner;
         let mut a = step_args(layer, &[layer.n_kv_heads()], xs, cos, sin, &k_caches, &v_caches, &positions)?;
         let ex = exec()?;
-        let rope = decode::Rope { cos: slice_of("cos", &a.cos)?, sin: slice_of("sin", &a.sin)? };
-        let xs = a.xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
-        let mut caches = Vec::with_capacity(a.positions.len());
-        for ((k, v), &pos) in a.ks.iter_mut().zip(a.vs.iter_mut()).zip(&a.positions) {
-            let k = k.as_slice_mut().map_err(|_| invalid("k_caches", "not C-contiguous"))?;
-            let v = v.as_slice_mut().map_err(|_| invalid("v_caches", "not C-contiguous"))?;
-            caches.push(decode::SeqCache { k, v, pos });
-        }
+        let (xs, rope, mut caches) = a.views()?;
         py.detach(|| rayon::scope(|_| layer.step(xs, &rope, &mut caches, ex)))?; // on a pool thread, as DecodeModel
         Ok(())
     }
@@ -733,14 +741,7 @@ impl PyDecodeModel {
         let lead = [model.layers().len(), first.n_kv_heads()];
         let mut a = step_args(first, &lead, xs, cos, sin, &k_caches, &v_caches, &positions)?;
         let ex = exec()?;
-        let rope = decode::Rope { cos: slice_of("cos", &a.cos)?, sin: slice_of("sin", &a.sin)? };
-        let xs = a.xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
-        let mut caches = Vec::with_capacity(a.positions.len());
-        for ((k, v), &pos) in a.ks.iter_mut().zip(a.vs.iter_mut()).zip(&a.positions) {
-            let k = k.as_slice_mut().map_err(|_| invalid("k_caches", "not C-contiguous"))?;
-            let v = v.as_slice_mut().map_err(|_| invalid("v_caches", "not C-contiguous"))?;
-            caches.push(decode::ModelCache { k, v, pos });
-        }
+        let (xs, rope, mut caches) = a.views()?;
         let b = caches.len();
         let logits = py.detach(|| model.step(xs, &rope, &mut caches, ex))?;
         to_2d(py, logits, b, model.vocab())
