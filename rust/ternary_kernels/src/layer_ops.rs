@@ -21,8 +21,10 @@ use crate::error::{invalid, Result};
 
 const LANES: usize = 16;
 
-/// sum a[i] * b[i] in 16 independent lanes (vectorizes without fast-math), lanes added at the end.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The 16 lane sums of a[i] * b[i] over the whole 16-value chunks (16 independent lanes: vectorizes
+/// without fast-math), and the leftover tails of a and b. `dot` and `dot_tree` finish them differently.
+#[inline(always)]
+fn lane_dots<'a>(a: &'a [f32], b: &'a [f32]) -> ([f32; LANES], &'a [f32], &'a [f32]) {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -31,6 +33,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
+    (acc, ra, rb)
+}
+
+/// sum a[i] * b[i]: the lanes added in order at the end, then the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (acc, ra, rb) = lane_dots(a, b);
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
 }
@@ -535,14 +543,7 @@ const MAX_GROUP: usize = 16;
 /// not 15 dependent scalar adds).
 #[inline(always)]
 fn dot_tree(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
+    let (mut acc, ra, rb) = lane_dots(a, b);
     for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
         acc[i] += x * y;
     }
