@@ -398,9 +398,6 @@ unsafe fn finish_int8_block<const VNNI: bool>(
         _mm512_shuffle_ps::<0b10_00_10_00>(e0, e1),
         _mm512_shuffle_ps::<0b11_01_11_01>(e0, e1),
     ));
-    let per_token = |f: &dyn Fn(usize) -> f32| {
-        _mm512_setr_ps(f(0), f(0), f(0), f(0), f(1), f(1), f(1), f(1), f(2), f(2), f(2), f(2), f(3), f(3), f(3), f(3))
-    };
     if VNNI {
         let sum = |t: usize| *acts.sums.get_unchecked(t0 + t);
         let (s0, s1, s2, s3) = (sum(0), sum(1), sum(2), sum(3));
@@ -409,7 +406,9 @@ unsafe fn finish_int8_block<const VNNI: bool>(
         dot = _mm512_sub_epi32(dot, _mm512_slli_epi32::<7>(sums));
     }
     let row_scales = _mm512_broadcast_f32x4(_mm_loadu_ps(scales.as_ptr().add(tile * ROWS_PER_TILE)));
-    let s = per_token(&|t| *acts.s.get_unchecked(t0 + t));
+    let act_scale = |t: usize| *acts.s.get_unchecked(t0 + t);
+    let (a0, a1, a2, a3) = (act_scale(0), act_scale(1), act_scale(2), act_scale(3));
+    let s = _mm512_setr_ps(a0, a0, a0, a0, a1, a1, a1, a1, a2, a2, a2, a2, a3, a3, a3, a3);
     let y = _mm512_div_ps(_mm512_mul_ps(row_scales, _mm512_cvtepi32_ps(dot)), s);
     let rows = [
         _mm512_extractf32x4_ps::<0>(y),
