@@ -42,7 +42,7 @@ fn main() {
                 mean * 1e6
             );
         }
-        let acts = TernaryActs::new(&x, tokens, shape);
+        let acts = TernaryActs::for_isa(&x, tokens, shape, isa);
         let part = &mat.parts[0];
         let ldo = part.tiles * 4;
         let mut out = vec![0f32; tokens * ldo];

@@ -37,7 +37,7 @@ fn main() {
             best = best.min(t.elapsed().as_secs_f64());
         }
         // The kernel alone (no activation quantization, allocation or gather), on the first part.
-        let acts = _ternary::act::TernaryActs::new(&x, tokens, shape);
+        let acts = _ternary::act::TernaryActs::for_isa(&x, tokens, shape, isa);
         let part = &mat.parts[0];
         let ldo = part.tiles * 4;
         let mut out = vec![0f32; tokens * ldo];

@@ -20,6 +20,21 @@ impl AlignedBuf {
         AlignedBuf { lines: vec![Line([0; 64]); len.div_ceil(64)], len }
     }
 
+    /// The 64-byte lines `lines` yields, in order (no zero fill first: each line is written once).
+    pub fn from_lines(lines: impl ExactSizeIterator<Item = [u8; 64]>) -> Self {
+        let mut buf = AlignedBuf { lines: Vec::new(), len: 0 };
+        buf.refill(lines);
+        buf
+    }
+
+    /// Replace the contents with the lines `lines` yields, reusing this buffer's memory where it is
+    /// large enough.
+    pub fn refill(&mut self, lines: impl ExactSizeIterator<Item = [u8; 64]>) {
+        self.lines.clear();
+        self.lines.extend(lines.map(Line));
+        self.len = self.lines.len() * 64;
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -67,5 +82,16 @@ mod tests {
             assert!(b.bytes().iter().all(|&x| x == 0));
             assert_eq!(b.bytes().as_ptr() as usize % 64, 0);
         }
+    }
+
+    #[test]
+    fn from_lines_keeps_order() {
+        let b = AlignedBuf::from_lines((0..3u8).map(|i| [i; 64]));
+        assert_eq!(b.len(), 192);
+        assert_eq!((b.bytes()[0], b.bytes()[64], b.bytes()[191]), (0, 1, 2));
+        assert_eq!(b.bytes().as_ptr() as usize % 64, 0);
+        let mut b = b;
+        b.refill((5..6u8).map(|i| [i; 64]));
+        assert_eq!(b.bytes(), &[5u8; 64][..]);
     }
 }

@@ -34,7 +34,7 @@ pub(crate) fn check_x(x: &[f32], tokens: usize, cols: usize) -> Result<()> {
 pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, pool: &Pool) -> Result<Vec<f32>> {
     let shape = m.shape;
     check_x(x, tokens, shape.cols)?;
-    let acts = TernaryActs::new(x, tokens, shape);
+    let acts = TernaryActs::for_isa(x, tokens, shape, isa);
     let part_tiles: Vec<usize> = m.parts.iter().map(|p| p.tiles).collect();
     let work = shape.rows * shape.cols * tokens;
     let pieces = pool.run(&part_tiles, work, |item: &WorkItem| {

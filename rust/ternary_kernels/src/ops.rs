@@ -107,7 +107,7 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, thr
     if let Some(per_chunk) = by_tokens(shape.rows, tokens, threads) {
         let mut y = vec![0f32; tokens * shape.rows];
         let run = |(out, x): (&mut [f32], &[f32])| {
-            let acts = TernaryActs::new(x, out.len() / shape.rows, shape);
+            let acts = TernaryActs::for_isa(x, out.len() / shape.rows, shape, isa);
             for part in &m.parts {
                 let out = &mut out[part.first_tile * ROWS_PER_TILE..];
                 kernels::ternary(isa, &shape, part.codes.bytes(), part.scales.f32s(), &acts, out, shape.rows);
@@ -121,7 +121,7 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, thr
         }
         return Ok(y);
     }
-    let acts = TernaryActs::new(x, tokens, shape);
+    let acts = TernaryActs::for_isa(x, tokens, shape, isa);
     let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
     let parts: Vec<(usize, usize)> = m.parts.iter().map(|p| (p.first_tile, p.tiles)).collect();
     let work = shape.rows * shape.cols * tokens;

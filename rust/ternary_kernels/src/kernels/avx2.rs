@@ -28,7 +28,7 @@ pub(crate) fn ternary(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let k = Ternary::checked(shape, codes, scales, acts, out, ldo);
+    let k = Ternary::checked(shape, codes, scales, acts, &[], out, ldo);
     let n_tiles = k.n_tiles;
     for tile in 0..n_tiles {
         let mut t0 = 0;

@@ -1,8 +1,9 @@
 //! AVX-512 kernels: AVX-512BW (`vpmaddubsw`) and VNNI (`vpdpbusd`), decode-and-multiply.
 //!
 //! Ternary: a 64-byte packed vector is 4 rows x 64 weights; `(w >> 2f) & 3` gives field f, whose
-//! 128-bit lane r holds 16 weights of row r (format.rs), all multiplying the same 16 activations,
-//! broadcast to the 4 lanes. Fields are the unsigned code + 1, so u8 x s8 multiplies are exact and
+//! 128-bit lane r holds 16 weights of row r (format.rs), all multiplying the same 16 activations in
+//! each of the 4 lanes: loaded whole from their lane copies (act.rs) for 2+ tokens, broadcast from
+//! q for one. Fields are the unsigned code + 1, so u8 x s8 multiplies are exact and
 //! the per-group activation sum is subtracted once per row (sum(c x) = sum((c+1) x) - sum(x)).
 //! Per group the exact i32 lanes are converted to f32 and fused-multiply-added with the row scales;
 //! the 4 lanes of a row are summed at the end of the row. Up to 6 tokens share each decoded
@@ -14,7 +15,8 @@
 
 use std::arch::x86_64::*;
 
-use crate::act::{Int8Acts, TernaryActs};
+use crate::act::{Int8Acts, TernaryActs, LANE_COPIES};
+use crate::aligned::AlignedBuf;
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
 use crate::kernels::scalar::finish_int8;
 use crate::kernels::{prefetch_distance, Ternary};
@@ -43,7 +45,19 @@ pub(crate) fn ternary(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let k = Ternary::checked(shape, codes, scales, acts, out, ldo);
+    // Callers that run this path build the lane copies once per call (`TernaryActs::for_isa`); a
+    // caller that did not (a test, a probe) gets them built here.
+    let built;
+    let lanes = match &acts.lanes {
+        Some(lanes) => lanes.i8s(),
+        None if acts.tokens >= 2 => {
+            built = crate::act::lane_copies(acts.q.i8s());
+            built.i8s()
+        }
+        None => &[],
+    };
+    assert!(acts.tokens < 2 || !lanes.is_empty(), "blocks of 2+ tokens read the lane copies");
+    let k = Ternary::checked(shape, codes, scales, acts, lanes, out, ldo);
     let n_tiles = k.n_tiles;
     let mut tile0 = 0;
     while tile0 < n_tiles {
@@ -116,6 +130,20 @@ pub(crate) fn ternary(
     }
 }
 
+/// act.rs `lane_copies` into `lanes`, with one 512-bit broadcast and store per line (the portable
+/// build makes eight 8-byte stores). Callers guarantee AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn fill_lane_copies(q: &[i8], lanes: &mut AlignedBuf) {
+    lanes.refill(q.chunks_exact(16).map(|group| {
+        // SAFETY: `group` is 16 readable bytes; an __m512i and a [u8; 64] have the same size, and every
+        // bit pattern is valid for both.
+        unsafe {
+            let copies = _mm512_broadcast_i32x4(_mm_loadu_si128(group.as_ptr() as *const __m128i));
+            std::mem::transmute::<__m512i, [u8; 64]>(copies)
+        }
+    }))
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn block_vnni<const RT: usize, const NT: usize, const PAR: usize>(
     k: &Ternary,
@@ -154,6 +182,7 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
     let codes = k.codes.as_ptr().add(tile * k.tile_bytes);
     let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
     let q = k.q.as_ptr().add(t0 * k.kp);
+    let lanes = k.lanes.as_ptr().wrapping_add(t0 * k.kp * LANE_COPIES); // only read when NT >= 2
     let mut facc = [[_mm512_setzero_ps(); NT]; RT];
     let ahead = prefetch_distance(RT * k.tile_bytes); // the same vector of a later block of RT tiles
                                                       // the scales are a stream of their own: the same group of the tile `ahead` bytes of codes later
@@ -164,7 +193,8 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
         if VNNI {
             // Start each row's first lane at -sum(x) of the group: the code + 1 correction for free.
             for t in 0..NT {
-                let start = _mm512_maskz_set1_epi32(0x1111, -*k.group_sums.get_unchecked((t0 + t) * k.groups + g));
+                let lane = k.group_starts.as_ptr().add((t0 + t) * k.groups + g) as *const __m128i;
+                let start = _mm512_broadcast_i32x4(_mm_loadu_si128(lane));
                 for r in 0..RT {
                     acc[r][t][0] = start;
                 }
@@ -184,9 +214,14 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
                 ];
                 for (f, d) in fields.into_iter().enumerate() {
                     for t in 0..NT {
-                        // The 16 activations of field f, broadcast to the 4 row lanes (an L1 load).
-                        let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
-                        let x = _mm512_broadcast_i32x4(_mm_loadu_si128(xp));
+                        // The 16 activations of field f in each of the 4 row lanes: one load of
+                        // their lane copies (act.rs), or for one token a broadcast of q.
+                        let x = if NT == 1 {
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(q.add(v * 64 + f * 16) as *const __m128i))
+                        } else {
+                            let xp = lanes.add((t * k.kp + v * 64 + f * 16) * LANE_COPIES);
+                            _mm512_load_si512(xp as *const __m512i)
+                        };
                         let a = &mut acc[r][t][f % PAR];
                         *a = if VNNI {
                             _mm512_dpbusd_epi32(*a, d, x)

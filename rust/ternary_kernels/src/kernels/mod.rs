@@ -34,6 +34,9 @@ pub(crate) struct Ternary<'a> {
     pub scales: &'a [f32],
     pub q: &'a [i8],
     pub group_sums: &'a [i32],
+    pub group_starts: &'a [[i32; 4]],
+    /// `TernaryActs::lanes` for the AVX-512 paths' blocks of 2+ tokens (empty otherwise).
+    pub lanes: &'a [i8],
     pub s: &'a [f32],
     pub kp: usize,
     pub groups: usize,
@@ -50,6 +53,7 @@ impl<'a> Ternary<'a> {
         codes: &'a [u8],
         scales: &'a [f32],
         acts: &'a TernaryActs,
+        lanes: &'a [i8],
         out: &[f32],
         ldo: usize,
     ) -> Self {
@@ -60,6 +64,8 @@ impl<'a> Ternary<'a> {
             scales,
             q: acts.q.i8s(),
             group_sums: &acts.group_sums,
+            group_starts: &acts.group_starts,
+            lanes,
             s: &acts.s,
             kp: acts.kp,
             groups: shape.groups(),
@@ -70,6 +76,8 @@ impl<'a> Ternary<'a> {
         // kp == tile_bytes: 4 rows x 2 bits = 1 byte per k
         assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
         assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
+        assert!(k.group_starts.len() >= acts.tokens * k.groups);
+        assert!(lanes.is_empty() || lanes.len() >= acts.tokens * k.kp * crate::act::LANE_COPIES);
         assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
         k
     }
@@ -136,6 +144,11 @@ impl Isa {
             Isa::Scalar => None,
             _ => Some("x86_64"),
         }
+    }
+
+    /// Whether this path's ternary kernel reads `TernaryActs::lanes` (the 512-bit ones do, for 2+ tokens).
+    pub fn reads_lanes(self) -> bool {
+        matches!(self, Isa::Avx512Bw | Isa::Avx512Vnni)
     }
 
     pub fn available(self) -> bool {
