@@ -111,11 +111,16 @@ pub struct TernaryActs {
 impl TernaryActs {
     pub fn new(x: &[f32], tokens: usize, shape: TernaryShape) -> TernaryActs {
         let (cols, kp, groups, gs) = (shape.cols, shape.padded_cols(), shape.groups(), shape.group_size);
-        let mut q = AlignedBuf::zeroed(tokens * kp);
+        // This thread's spare (see `SPARES`) holds stale values: each token's padding is zeroed below.
+        let mut q = match SPARES.with(|spares| spares.q.take()) {
+            Some(spare) => spare.resized(tokens * kp),
+            None => AlignedBuf::zeroed(tokens * kp),
+        };
         let mut s = vec![0f32; tokens];
         let mut group_sums = vec![0i32; tokens * groups];
         for t in 0..tokens {
             let qt = &mut q.i8s_mut()[t * kp..(t + 1) * kp];
+            qt[cols..].fill(0);
             let sums = &mut group_sums[t * groups..(t + 1) * groups];
             s[t] = quantize_token_sums(&x[t * cols..(t + 1) * cols], qt, gs, sums);
         }
@@ -143,10 +148,10 @@ impl TernaryActs {
 /// 512-bit kernel vector multiplies in each of its four lanes. Loading it whole replaces a
 /// broadcast from memory, which on Zen 4 also takes a vector-pipe slot beside every 2 vpdpbusd
 /// (a plain load does not): GEMM at 32 tokens went from ~338 to ~376 GOPS on one thread.
-/// The buffer is this thread's spare when it has one (see `SPARE_LANES`).
+/// The buffer is this thread's spare when it has one (see `SPARES`).
 pub fn lane_copies(q: &[i8]) -> AlignedBuf {
     assert!(q.len().is_multiple_of(16), "lane copies need whole 16-value groups, got {} values", q.len());
-    let mut lanes = SPARE_LANES.take().unwrap_or_else(|| AlignedBuf::zeroed(0));
+    let mut lanes = SPARES.with(|spares| spares.lanes.take()).unwrap_or_else(|| AlignedBuf::zeroed(0));
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -169,19 +174,31 @@ fn fill_lane_copies(q: &[i8], lanes: &mut AlignedBuf) {
     );
 }
 
+/// The buffers of the last `TernaryActs` a thread dropped, kept for its next one. A fresh buffer
+/// means page faults (costly in a VM): one of 128 KiB or more is a new mmap, and smaller ones regrow
+/// the heap top that glibc trimmed after the previous call. They made a 2048 x 2048 GEMM of 32
+/// tokens 25% slower (lane copies) and a 768 x 2688 one 8% (q). A spare holds as much as the
+/// largest GEMM this thread ran.
+struct Spares {
+    q: std::cell::Cell<Option<AlignedBuf>>,
+    lanes: std::cell::Cell<Option<AlignedBuf>>,
+}
+
 thread_local! {
-    /// The lane copies of the last `TernaryActs` this thread dropped, kept for the next. A fresh
-    /// buffer of 128 KiB or more is a new mmap whose page faults (costly in a VM) made a 2048 x 2048
-    /// GEMM of 32 tokens 25% slower; the spare holds as much as the largest GEMM this thread ran.
-    static SPARE_LANES: std::cell::Cell<Option<AlignedBuf>> = const { std::cell::Cell::new(None) };
+    static SPARES: Spares = const { Spares { q: std::cell::Cell::new(None), lanes: std::cell::Cell::new(None) } };
 }
 
 impl Drop for TernaryActs {
     fn drop(&mut self) {
-        if let Some(lanes) = self.lanes.take() {
-            // During thread teardown the slot may be gone already; then the buffer is simply freed.
-            let _ = SPARE_LANES.try_with(|spare| spare.set(Some(lanes)));
-        }
+        let q = std::mem::replace(&mut self.q, AlignedBuf::zeroed(0));
+        let lanes = self.lanes.take();
+        // During thread teardown the slots may be gone already; then the buffers are simply freed.
+        let _ = SPARES.try_with(|spares| {
+            spares.q.set(Some(q));
+            if lanes.is_some() {
+                spares.lanes.set(lanes);
+            }
+        });
     }
 }
 
@@ -276,6 +293,24 @@ mod tests {
         // Only the 512-bit paths read them, and only for 2+ tokens.
         assert!(TernaryActs::for_isa(&x, 3, shape, Isa::Avx2).lanes.is_none());
         assert!(TernaryActs::for_isa(&x[..200], 1, shape, Isa::Avx512Vnni).lanes.is_none());
+    }
+
+    #[test]
+    fn a_reused_q_buffer_keeps_no_stale_values() {
+        let wide = TernaryShape { rows: 4, cols: 200, group_size: 64 };
+        let x: Vec<f32> = (0..5 * 200).map(|i| 1.0 + (i % 7) as f32).collect();
+        drop(TernaryActs::new(&x, 5, wide)); // leaves a spare full of non-zero values
+        let narrow = TernaryShape { rows: 4, cols: 70, group_size: 64 }; // kp = 128: 58 padding values
+        let y: Vec<f32> = (0..3 * 70).map(|i| ((i * 13) % 29) as f32 - 14.0).collect();
+        let acts = TernaryActs::new(&y, 3, narrow);
+        let (want_q, want_s) = quantize_activations(&y, 3, 70);
+        for t in 0..3 {
+            let row = &acts.q.i8s()[t * 128..(t + 1) * 128];
+            assert_eq!(&row[..70], &want_q[t * 70..(t + 1) * 70]);
+            assert!(row[70..].iter().all(|&v| v == 0), "token {t}: stale padding");
+            assert_eq!(acts.s[t], want_s[t]);
+        }
+        assert_eq!(acts.q.len(), 3 * 128);
     }
 
     #[test]

@@ -35,6 +35,14 @@ impl AlignedBuf {
         self.len = self.lines.len() * 64;
     }
 
+    /// This buffer's memory holding `len` bytes: the first min(len, old len) keep their values, the
+    /// rest are zero.
+    pub fn resized(mut self, len: usize) -> Self {
+        self.lines.resize(len.div_ceil(64), Line([0; 64]));
+        self.len = len;
+        self
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -93,5 +101,8 @@ mod tests {
         let mut b = b;
         b.refill((5..6u8).map(|i| [i; 64]));
         assert_eq!(b.bytes(), &[5u8; 64][..]);
+        let b = b.resized(100);
+        assert_eq!((&b.bytes()[..64], &b.bytes()[64..]), (&[5u8; 64][..], &[0u8; 36][..]));
+        assert_eq!(b.resized(10).bytes(), &[5u8; 10][..]);
     }
 }
