@@ -467,16 +467,31 @@ fn scores_avx512(q: &[f32], keys: &[f16], hd: usize, scale: f32, p: &mut [f32]) 
     use std::arch::x86_64::*;
     let (n, r) = (keys.len() / hd, q.len() / hd);
     assert!(hd.is_multiple_of(LANES) && p.len() >= r * n && keys.len() == n * hd && q.len() == r * hd);
+    let mut key = [_mm512_setzero_ps(); MAX_HEAD_DIM / LANES];
+    let chunks = hd / LANES;
     for j in 0..n {
+        // the key widened once for all r queries (when it fits the registers set aside for it)
+        if hd <= MAX_HEAD_DIM {
+            for (c, k) in key.iter_mut().enumerate().take(chunks) {
+                // SAFETY: the asserts above keep the load inside keys[j * hd..(j + 1) * hd].
+                *k = unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(keys.as_ptr().add(j * hd + c * LANES) as *const __m256i))
+                };
+            }
+        }
         for i in 0..r {
             // SAFETY: the asserts above keep every load inside q[i * hd..(i + 1) * hd] and
             // keys[j * hd..(j + 1) * hd] (hd a multiple of 16), the store inside p.
             unsafe {
-                let (qi, key) = (q.as_ptr().add(i * hd), keys.as_ptr().add(j * hd));
+                let (qi, key_j) = (q.as_ptr().add(i * hd), keys.as_ptr().add(j * hd));
                 let mut acc = _mm512_setzero_ps();
-                for c in (0..hd).step_by(LANES) {
-                    let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(c) as *const __m256i));
-                    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qi.add(c)), k));
+                for c in 0..chunks {
+                    let k = if hd <= MAX_HEAD_DIM {
+                        key[c]
+                    } else {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(key_j.add(c * LANES) as *const __m256i))
+                    };
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qi.add(c * LANES)), k));
                 }
                 let halves = _mm512_add_ps(acc, _mm512_shuffle_f32x4::<0b11_10_11_10>(acc, acc));
                 let low = _mm512_castps512_ps256(halves);
@@ -505,31 +520,53 @@ fn weighted_values(p: &[f32], values: &[f32], hd: usize, o: &mut [f32]) {
 /// Columns of o one AVX-512 pass keeps in registers (4 zmm).
 const VALUE_BLOCK: usize = 64;
 
-/// `weighted_values` with each head's 64-column block of o held in 4 zmm registers over all j (the
-/// generic loop loads and stores o for every j), the f16 values widened in registers; same operations in
-/// the same order on the same (exactly widened) values, same bits.
+/// `weighted_values` with 64-column blocks of o for up to 4 queries held in zmm registers over all j
+/// (the generic loop loads and stores o for every j), each f16 value row widened in registers once
+/// for those queries; same operations in the same order on the same (exactly widened) values, same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn weighted_values_avx512(p: &[f32], values: &[f16], hd: usize, o: &mut [f32]) {
-    use std::arch::x86_64::*;
     let (n, r) = (values.len() / hd, o.len() / hd);
     assert!(hd.is_multiple_of(VALUE_BLOCK) && p.len() >= r * n && values.len() == n * hd && o.len() == r * hd);
-    for i in 0..r {
-        for c in (0..hd).step_by(VALUE_BLOCK) {
-            // SAFETY: the asserts above keep every load inside values[j * hd + c..j * hd + c + 64] and
-            // p[i * n + j], every store inside o[i * hd + c..i * hd + c + 64].
-            unsafe {
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for j in 0..n {
-                    let w = _mm512_set1_ps(*p.get_unchecked(i * n + j));
-                    let v = values.as_ptr().add(j * hd + c);
-                    for (k, acc) in acc.iter_mut().enumerate() {
-                        let value = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * k) as *const __m256i));
-                        *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, value));
+    for i0 in (0..r).step_by(4) {
+        // SAFETY: the asserts above hold, and queries i0..i0 + G are within r.
+        unsafe {
+            match r - i0 {
+                1 => weighted_values_queries::<1>(p, values, hd, i0, o),
+                2 => weighted_values_queries::<2>(p, values, hd, i0, o),
+                3 => weighted_values_queries::<3>(p, values, hd, i0, o),
+                _ => weighted_values_queries::<4>(p, values, hd, i0, o),
+            }
+        }
+    }
+}
+
+/// Queries i0..i0 + G of `weighted_values_avx512`. Callers guarantee AVX-512F, its asserts, and
+/// i0 + G <= r.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_values_queries<const G: usize>(p: &[f32], values: &[f16], hd: usize, i0: usize, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = values.len() / hd;
+    for c in (0..hd).step_by(VALUE_BLOCK) {
+        // SAFETY (this block): every load stays inside values[j * hd + c..j * hd + c + 64] and
+        // p[(i0 + g) * n + j], every store inside o[(i0 + g) * hd + c..(i0 + g) * hd + c + 64].
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for j in 0..n {
+                let v = values.as_ptr().add(j * hd + c);
+                let value: [__m512; 4] =
+                    std::array::from_fn(|k| _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * k) as *const __m256i)));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*p.get_unchecked((i0 + g) * n + j));
+                    for (a, &value) in acc.iter_mut().zip(&value) {
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(w, value));
                     }
                 }
+            }
+            for (g, acc) in acc.iter().enumerate() {
                 for (k, acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(o.as_mut_ptr().add(i * hd + c + 16 * k), *acc);
+                    _mm512_storeu_ps(o.as_mut_ptr().add((i0 + g) * hd + c + 16 * k), *acc);
                 }
             }
         }
@@ -538,6 +575,9 @@ fn weighted_values_avx512(p: &[f32], values: &[f16], hd: usize, o: &mut [f32]) {
 
 /// Query heads per kv head whose softmax sums are kept on the stack (more are summed again).
 const MAX_GROUP: usize = 16;
+
+/// Head dims up to this keep a widened key row in registers for all the queries of its kv head.
+const MAX_HEAD_DIM: usize = 128;
 
 /// sum a[i] * b[i] in 16 lanes, the lanes added as a tree (halves, quarters, ...: vector shuffles,
 /// not 15 dependent scalar adds).
@@ -687,23 +727,25 @@ mod tests {
             eprintln!("skipping: this CPU lacks AVX-512F");
             return;
         }
-        let (r, n, hd) = (3, 37, 64);
-        let half = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
-        let wide = |v: &[f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
-        let q: Vec<f32> = (0..r * hd).map(|i| (i as f32 * 0.31).sin()).collect();
-        let keys = half((0..n * hd).map(|i| (i as f32 * 0.17).cos()).collect());
-        let (mut want, mut got) = (vec![0f32; r * n], vec![0f32; r * n]);
-        scores(&q, &wide(&keys), hd, 0.125, &mut want);
-        // SAFETY: AVX-512F is present (checked above).
-        unsafe { scores_avx512(&q, &keys, hd, 0.125, &mut got) };
-        assert_eq!(got, want);
-        let values = half((0..n * hd).map(|i| (i as f32 * 0.23).sin()).collect());
-        let (mut want, mut got) = (vec![0f32; r * hd], vec![1f32; r * hd]);
-        let p = got_p(&wide(&keys), r, n);
-        weighted_values(&p, &wide(&values), hd, &mut want);
-        // SAFETY: AVX-512F is present (checked above).
-        unsafe { weighted_values_avx512(&p, &values, hd, &mut got) };
-        assert_eq!(got, want);
+        // r > 4 takes the values in groups of 4 queries; hd 256 widens the keys per query instead
+        for (r, n, hd) in [(3, 37, 64), (1, 5, 128), (7, 19, 64), (2, 11, 256)] {
+            let half = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
+            let wide = |v: &[f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+            let q: Vec<f32> = (0..r * hd).map(|i| (i as f32 * 0.31).sin()).collect();
+            let keys = half((0..n * hd).map(|i| (i as f32 * 0.17).cos()).collect());
+            let (mut want, mut got) = (vec![0f32; r * n], vec![0f32; r * n]);
+            scores(&q, &wide(&keys), hd, 0.125, &mut want);
+            // SAFETY: AVX-512F is present (checked above).
+            unsafe { scores_avx512(&q, &keys, hd, 0.125, &mut got) };
+            assert_eq!(got, want, "scores r {r} hd {hd}");
+            let values = half((0..n * hd).map(|i| (i as f32 * 0.23).sin()).collect());
+            let (mut want, mut got) = (vec![0f32; r * hd], vec![1f32; r * hd]);
+            let p = got_p(&wide(&keys), r, n);
+            weighted_values(&p, &wide(&values), hd, &mut want);
+            // SAFETY: AVX-512F is present (checked above).
+            unsafe { weighted_values_avx512(&p, &values, hd, &mut got) };
+            assert_eq!(got, want, "values r {r} hd {hd}");
+        }
     }
 
     #[test]
