@@ -82,19 +82,34 @@ where
 
 /// Fewest tokens per chunk when a matmul is split by tokens.
 const MIN_TOKEN_CHUNK: usize = 8;
+/// Matrices up to this many weights (256 KiB packed: nano-125m's qkv and o) split a decode batch by
+/// tokens, one chunk per thread, at this many tokens per chunk or more (4 tokens run the AVX-512
+/// kernel at ~99% of 8's GOPS).
+const SMALL_MATRIX_WEIGHTS: usize = 1 << 20;
+const MIN_SMALL_TOKEN_CHUNK: usize = 4;
 
 /// Split by tokens instead of rows: prompts (prefill) and wide batches. Each chunk quantizes its own
 /// tokens' activations and writes its tokens' rows of y in place, where a row split would fill a
 /// block per chunk and copy it into y (prefill of 8 x 16 tokens: 16% of the time went to memset and
 /// memmove). Each chunk reads the weights again, from cache, at >= 8 tokens of work per weight.
-/// Chunks come in multiples of the thread count, at least two per thread: with one per thread, a
+/// Chunks come in multiples of the thread count, at least two per thread (small matrices at a decode
+/// batch excepted, below): with one per thread, a
 /// worker that is slow to wake finds its chunk already taken by the caller, and the call runs on one
 /// thread (examples/ops_probe, 1280x768 at 32 tokens: 319 instead of ~540 GOPS). Needs M a whole number of
 /// tiles (every part's rows then land inside y). Returns the tokens per chunk.
-fn by_tokens(rows: usize, tokens: usize, threads: usize) -> Option<usize> {
+fn by_tokens(rows: usize, cols: usize, tokens: usize, threads: usize) -> Option<usize> {
     let threads = threads.max(1);
-    if !rows.is_multiple_of(ROWS_PER_TILE) || tokens < 2 * MIN_TOKEN_CHUNK * threads {
+    if !rows.is_multiple_of(ROWS_PER_TILE) {
         return None;
+    }
+    if tokens < 2 * MIN_TOKEN_CHUNK * threads {
+        // A small matrix at a decode batch of 8+: one chunk per thread. A row split there spends more
+        // on its per-chunk blocks, the copy into y and the serial activation quantization than the
+        // chunks compute (decode_step, 8 sequences: qkv 0.52 -> 0.37-0.41 ms, o 0.35 -> 0.24-0.25 ms
+        // per step). Larger ones keep the row split: there each thread's rows stay in its own cache for
+        // the elementwise work that follows (the token split made SiLU after gate_up slower).
+        let small = rows * cols <= SMALL_MATRIX_WEIGHTS;
+        return (small && threads > 1 && tokens >= MIN_SMALL_TOKEN_CHUNK * threads).then(|| tokens.div_ceil(threads));
     }
     let chunks = threads * (tokens / (MIN_TOKEN_CHUNK * threads)).clamp(2, CHUNKS_PER_THREAD / 2);
     Some(tokens.div_ceil(chunks))
@@ -104,7 +119,7 @@ fn by_tokens(rows: usize, tokens: usize, threads: usize) -> Option<usize> {
 pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, threads: usize) -> Result<Vec<f32>> {
     let shape = m.shape;
     check_x(x, tokens, shape.cols)?;
-    if let Some(per_chunk) = by_tokens(shape.rows, tokens, threads) {
+    if let Some(per_chunk) = by_tokens(shape.rows, shape.cols, tokens, threads) {
         let mut y = vec![0f32; tokens * shape.rows];
         let run = |(out, x): (&mut [f32], &[f32])| {
             let acts = TernaryActs::for_isa(x, out.len() / shape.rows, shape, isa);
@@ -167,7 +182,7 @@ mod tests {
             let scales: Vec<f32> = (0..rows * shape.groups()).map(|i| 0.01 + (i % 17) as f32 * 0.003).collect();
             let m = PackedTernary::new(&codes, &scales, shape).unwrap();
             let x: Vec<f32> = (0..61 * cols).map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0).collect();
-            for tokens in [1, 7, 24, 61] {
+            for tokens in [1, 7, 8, 24, 61] {
                 let x = &x[..tokens * cols];
                 let want = matmul::ternary_matmul(&m, x, tokens, isa, &pool).unwrap();
                 for threads in [1, 2, 3] {
