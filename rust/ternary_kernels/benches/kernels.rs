@@ -166,6 +166,14 @@ fn main() {
     let paths: Vec<Isa> = ALL_ISAS.into_iter().filter(|i| i.available()).collect();
     println!("CPU: {} ({} CPUs online, {} NUMA node(s))", cpu_model(), all, topo.nodes.len());
     println!("paths available: {:?}; best: {}", paths.iter().map(|i| i.name()).collect::<Vec<_>>(), best.name());
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512Vnni.available() {
+        let gfni = std::arch::is_x86_feature_detected!("gfni");
+        println!(
+            "avx512vnni one-token blocks decode fields 2-3 with GFNI: {}",
+            if gfni { "yes" } else { "no (CPU lacks gfni)" }
+        );
+    }
     for isa in ALL_ISAS {
         if let Some(f) = isa.missing_feature() {
             println!("path {} not benchmarked: this CPU lacks {f}", isa.name());

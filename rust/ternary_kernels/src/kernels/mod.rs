@@ -2,7 +2,8 @@
 //!
 //! The best path the CPU supports is detected once and cached; NANOCHAT_TERNARY_ISA=scalar|avx2|
 //! avx512bw|avx512vnni forces one (an error if this CPU lacks it). Tests and benches can also pass
-//! a path explicitly.
+//! a path explicitly. Within avx512vnni, one-token blocks also use GFNI where the CPU has it (the
+//! same bits; avx512.rs `block_body`).
 
 use std::sync::OnceLock;
 
@@ -199,9 +200,11 @@ pub fn ternary(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::ternary(shape, codes, scales, acts, out, ldo),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bw => avx512::ternary(false, shape, codes, scales, acts, out, ldo),
+        Isa::Avx512Bw => avx512::ternary(false, false, shape, codes, scales, acts, out, ldo),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => avx512::ternary(true, shape, codes, scales, acts, out, ldo),
+        Isa::Avx512Vnni => {
+            avx512::ternary(true, is_x86_feature_detected!("gfni"), shape, codes, scales, acts, out, ldo)
+        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => scalar::ternary(shape, codes, scales, acts, out, ldo),
     }
