@@ -23,14 +23,16 @@ impl AlignedBuf {
     /// The 64-byte lines `lines` yields, in order (no zero fill first: each line is written once).
     pub fn from_lines(lines: impl ExactSizeIterator<Item = [u8; 64]>) -> Self {
         let mut buf = AlignedBuf { lines: Vec::new(), len: 0 };
-        buf.refill(lines);
+        let count = lines.len();
+        buf.refill(lines, count);
         buf
     }
 
-    /// Replace the contents with the lines `lines` yields, reusing this buffer's memory where it is
-    /// large enough.
-    pub fn refill(&mut self, lines: impl ExactSizeIterator<Item = [u8; 64]>) {
+    /// Replace the contents with the `count` lines `lines` yields, reusing this buffer's memory where
+    /// it is large enough.
+    pub fn refill(&mut self, lines: impl Iterator<Item = [u8; 64]>, count: usize) {
         self.lines.clear();
+        self.lines.reserve(count);
         self.lines.extend(lines.map(Line));
         self.len = self.lines.len() * 64;
     }
@@ -99,7 +101,7 @@ mod tests {
         assert_eq!((b.bytes()[0], b.bytes()[64], b.bytes()[191]), (0, 1, 2));
         assert_eq!(b.bytes().as_ptr() as usize % 64, 0);
         let mut b = b;
-        b.refill((5..6u8).map(|i| [i; 64]));
+        b.refill((5..6u8).map(|i| [i; 64]), 1);
         assert_eq!(b.bytes(), &[5u8; 64][..]);
         let b = b.resized(100);
         assert_eq!((&b.bytes()[..64], &b.bytes()[64..]), (&[5u8; 64][..], &[0u8; 36][..]));

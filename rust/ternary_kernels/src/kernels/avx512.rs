@@ -15,7 +15,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::act::{Int8Acts, TernaryActs, LANE_COPIES};
+use crate::act::{lane_padding_lines, lane_stride, Int8Acts, TernaryActs, LANE_COPIES};
 use crate::aligned::AlignedBuf;
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
 use crate::kernels::scalar::finish_int8;
@@ -64,7 +64,7 @@ pub(crate) fn ternary(
     let lanes = match &acts.lanes {
         Some(lanes) => lanes.i8s(),
         None if acts.tokens >= 2 => {
-            built = crate::act::lane_copies(acts.q.i8s());
+            built = crate::act::lane_copies(acts.q.i8s(), acts.kp);
             built.i8s()
         }
         None => &[],
@@ -74,7 +74,7 @@ pub(crate) fn ternary(
     let n_tiles = k.n_tiles;
     // Every tile block passes over all the tokens' lane copies, so take the tokens in batches whose
     // copies stay in L2; the weights are re-read per batch instead (a quarter of the bytes per token).
-    let batch = (LANES_L2_BYTES / (k.kp * LANE_COPIES)).max(1).div_ceil(TOKEN_BLOCK) * TOKEN_BLOCK;
+    let batch = (LANES_L2_BYTES / lane_stride(k.kp)).max(1).div_ceil(TOKEN_BLOCK) * TOKEN_BLOCK;
     let mut batch0 = 0;
     while batch0 < acts.tokens {
         let batch_end = (batch0 + batch).min(acts.tokens);
@@ -170,17 +170,22 @@ unsafe fn tile_block(
 }
 
 /// act.rs `lane_copies` into `lanes`, with one 512-bit broadcast and store per line (the portable
-/// build makes eight 8-byte stores). Callers guarantee AVX-512F.
+/// build makes eight 8-byte stores). Callers guarantee AVX-512F and q a whole number of kp-rows.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn fill_lane_copies(q: &[i8], lanes: &mut AlignedBuf) {
-    lanes.refill(q.chunks_exact(16).map(|group| {
+pub(crate) unsafe fn fill_lane_copies(q: &[i8], kp: usize, lanes: &mut AlignedBuf) {
+    let copies = |group: &[i8]| {
         // SAFETY: `group` is 16 readable bytes; an __m512i and a [u8; 64] have the same size, and every
         // bit pattern is valid for both.
         unsafe {
             let copies = _mm512_broadcast_i32x4(_mm_loadu_si128(group.as_ptr() as *const __m128i));
             std::mem::transmute::<__m512i, [u8; 64]>(copies)
         }
-    }))
+    };
+    let pad = lane_padding_lines(kp);
+    let lines = q
+        .chunks_exact(kp)
+        .flat_map(|token| token.chunks_exact(16).map(copies).chain(std::iter::repeat_n([0u8; 64], pad)));
+    lanes.refill(lines, q.len() / kp * lane_stride(kp) / 64);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -240,7 +245,8 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
     let codes = k.codes.as_ptr().add(tile * k.tile_bytes);
     let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
     let q = k.q.as_ptr().add(t0 * k.kp);
-    let lanes = k.lanes.as_ptr().wrapping_add(t0 * k.kp * LANE_COPIES); // only read when NT >= 2
+    let stride = lane_stride(k.kp);
+    let lanes = k.lanes.as_ptr().wrapping_add(t0 * stride); // only read when NT >= 2
     let mut facc = [[_mm512_setzero_ps(); NT]; RT];
     let ahead = prefetch_distance(RT * k.tile_bytes); // the same vector of a later block of RT tiles
                                                       // the scales are a stream of their own: the same group of the tile `ahead` bytes of codes later
@@ -285,7 +291,7 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
                         let x = if NT == 1 {
                             _mm512_broadcast_i32x4(_mm_loadu_si128(q.add(v * 64 + f * 16) as *const __m128i))
                         } else {
-                            let xp = lanes.add((t * k.kp + v * 64 + f * 16) * LANE_COPIES);
+                            let xp = lanes.add(t * stride + (v * 64 + f * 16) * LANE_COPIES);
                             _mm512_load_si512(xp as *const __m512i)
                         };
                         let a = &mut acc[r][t][f % PAR];

@@ -78,7 +78,7 @@ impl<'a> Ternary<'a> {
         assert!(k.kp == tile_bytes && k.kp.is_multiple_of(VECTOR_BYTES) && acts.q.len() >= acts.tokens * k.kp);
         assert!(scales.len() >= n_tiles * k.groups * ROWS_PER_TILE && k.group_sums.len() >= acts.tokens * k.groups);
         assert!(k.group_starts.len() >= acts.tokens * k.groups);
-        assert!(lanes.is_empty() || lanes.len() >= acts.tokens * k.kp * crate::act::LANE_COPIES);
+        assert!(lanes.is_empty() || lanes.len() >= acts.tokens * crate::act::lane_stride(k.kp));
         assert!(acts.tokens == 0 || out.len() >= (acts.tokens - 1) * ldo + n_tiles * ROWS_PER_TILE);
         k
     }
