@@ -102,7 +102,7 @@ pub struct TernaryActs {
     pub group_sums: Vec<i32>,
     /// [tokens][groups]: `[-sum, 0, 0, 0]`, a 128-bit lane that starts a VNNI accumulator (one load).
     pub group_starts: Vec<[i32; 4]>,
-    /// q with every 16 values repeated 4 times ([tokens][kp / 16][4][16]), for the AVX-512 kernels'
+    /// q with every 16 values repeated 4 times (tokens `lane_stride(kp)` bytes apart), for the AVX-512 kernels'
     /// blocks of 2+ tokens: built by `for_isa` when the path reads it, else None (the kernel then
     /// builds its own copy).
     pub lanes: Option<AlignedBuf>,
@@ -182,21 +182,22 @@ pub fn lane_stride(kp: usize) -> usize {
     }
 }
 
-/// Lines of `lane_stride` left over after a token's kp x 4 bytes of copies (0 or 1), zero filled.
-pub(crate) fn lane_padding_lines(kp: usize) -> usize {
-    (lane_stride(kp) - kp * LANE_COPIES) / 64
-}
-
 /// The portable build of `lane_copies`' fill (eight 8-byte stores per line).
 fn fill_lane_copies(q: &[i8], kp: usize, lanes: &mut AlignedBuf) {
-    let copies = |group: &[i8]| {
+    fill_lanes_with(q, kp, lanes, |group| {
         let group: [u8; 16] = bytemuck::cast_slice::<i8, u8>(group).try_into().expect("16 values");
         bytemuck::cast::<[u128; LANE_COPIES], [u8; 64]>([u128::from_ne_bytes(group); LANE_COPIES])
-    };
-    let pad = lane_padding_lines(kp);
+    })
+}
+
+/// `lane_copies`' layout with `copies` making one line from 16 values: each token's lines, then the
+/// zero line `lane_stride` may add. Inlined into each build, so `copies` compiles with its features.
+#[inline(always)]
+pub(crate) fn fill_lanes_with(q: &[i8], kp: usize, lanes: &mut AlignedBuf, copies: impl Fn(&[i8]) -> [u8; 64]) {
+    let pad = (lane_stride(kp) - kp * LANE_COPIES) / 64;
     let lines = q
         .chunks_exact(kp)
-        .flat_map(|token| token.chunks_exact(16).map(copies).chain(std::iter::repeat_n([0u8; 64], pad)));
+        .flat_map(|token| token.chunks_exact(16).map(&copies).chain(std::iter::repeat_n([0u8; 64], pad)));
     lanes.refill(lines, q.len() / kp * lane_stride(kp) / 64);
 }
 

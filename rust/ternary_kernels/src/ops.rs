@@ -93,10 +93,10 @@ const MIN_SMALL_TOKEN_CHUNK: usize = 4;
 /// block per chunk and copy it into y (prefill of 8 x 16 tokens: 16% of the time went to memset and
 /// memmove). Each chunk reads the weights again, from cache, at >= 8 tokens of work per weight.
 /// Chunks come in multiples of the thread count, at least two per thread (small matrices at a decode
-/// batch excepted, below): with one per thread, a
-/// worker that is slow to wake finds its chunk already taken by the caller, and the call runs on one
-/// thread (examples/ops_probe, 1280x768 at 32 tokens: 319 instead of ~540 GOPS). Needs M a whole number of
-/// tiles (every part's rows then land inside y). Returns the tokens per chunk.
+/// batch excepted, below): with one per thread, a worker that is slow to wake finds its chunk already
+/// taken by the caller, and the call runs on one thread (examples/ops_probe, 1280x768 at 32 tokens:
+/// 319 instead of ~540 GOPS). Needs M a whole number of tiles (every part's rows then land inside y).
+/// Returns the tokens per chunk.
 fn by_tokens(rows: usize, cols: usize, tokens: usize, threads: usize) -> Option<usize> {
     let threads = threads.max(1);
     if !rows.is_multiple_of(ROWS_PER_TILE) {

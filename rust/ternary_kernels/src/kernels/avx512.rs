@@ -15,7 +15,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::act::{lane_padding_lines, lane_stride, Int8Acts, TernaryActs, LANE_COPIES};
+use crate::act::{fill_lanes_with, lane_stride, Int8Acts, TernaryActs, LANE_COPIES};
 use crate::aligned::AlignedBuf;
 use crate::format::{TernaryShape, ROWS_PER_TILE, VECTOR_BYTES};
 use crate::kernels::scalar::finish_int8;
@@ -173,19 +173,14 @@ unsafe fn tile_block(
 /// build makes eight 8-byte stores). Callers guarantee AVX-512F and q a whole number of kp-rows.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn fill_lane_copies(q: &[i8], kp: usize, lanes: &mut AlignedBuf) {
-    let copies = |group: &[i8]| {
+    fill_lanes_with(q, kp, lanes, |group| {
         // SAFETY: `group` is 16 readable bytes; an __m512i and a [u8; 64] have the same size, and every
         // bit pattern is valid for both.
         unsafe {
             let copies = _mm512_broadcast_i32x4(_mm_loadu_si128(group.as_ptr() as *const __m128i));
             std::mem::transmute::<__m512i, [u8; 64]>(copies)
         }
-    };
-    let pad = lane_padding_lines(kp);
-    let lines = q
-        .chunks_exact(kp)
-        .flat_map(|token| token.chunks_exact(16).map(copies).chain(std::iter::repeat_n([0u8; 64], pad)));
-    lanes.refill(lines, q.len() / kp * lane_stride(kp) / 64);
+    })
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
