@@ -8,8 +8,10 @@ Run: .venv/bin/python -m pytest tests/test_engine_decode.py -q
 - Transformer.forward through DecodeModel == the Python layer loop bit for bit (both call the same
   Rust norm / mHC / attention / matmul functions), logits and KV caches, over several batched steps;
   and greedy generation on the exported tiny model (tests/fixtures_model.py) is unchanged.
-- mhc_read / mhc_write and the prefill's rope_rows / causal_softmax == their numpy definitions (the numpy
-  backend's functions); bad shapes raise ValueError naming the argument.
+- A prompt read at once (attend_prefill: each token through the decode step's attention) == the same
+  tokens decoded one by one, bit for bit, logits and caches.
+- mhc_read / mhc_write and the numpy prefill's rope_rows / causal_softmax == their numpy definitions (the
+  numpy backend's functions); bad shapes raise ValueError naming the argument.
 """
 
 from __future__ import annotations
@@ -197,6 +199,69 @@ def test_prefill_rope_and_causal_softmax_match_numpy():
         kernels.causal_softmax(got, 4, 7, 0.25)
     with pytest.raises(ValueError, match=r"cos: expected cos and sin \[N = 9, hd\]"):
         kernels.rope_rows(got.reshape(-1, 10)[:9].copy(), cos[:4].copy(), sin, 2)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill_equals_decoding_the_prompt_token_by_token(variant):
+    """A prompt read at once gives the logits and caches of the same tokens decoded one by one, bit for
+    bit (two sequences in one prefill, each at its own offset). The int8 quantization of the attention
+    output hides last-bit differences of attention from the logits, so the attention itself is compared
+    in the next test."""
+    model = random_transformer(*VARIANTS[variant])
+    prompts = [[3, 17, 40, 2, 9, 33, 8], [50, 7, 1]]
+    at_once = [model.new_cache(16) for _ in prompts]
+    for c, start in zip(at_once, ([5], [11, 12])):  # caches that already hold a few positions
+        model.forward([(start, c)])
+    one_by_one = [model.new_cache(16) for _ in prompts]
+    for c, start in zip(one_by_one, ([5], [11, 12])):
+        model.forward([(start, c)])
+    got = model.forward(list(zip(prompts, at_once)), all_logits=True)
+    want = [model.forward([([t], c)]) for p, c in zip(prompts, one_by_one) for t in p]
+    np.testing.assert_array_equal(got, np.concatenate(want))
+    for a, b in zip(at_once, one_by_one):
+        assert a.length == b.length
+        np.testing.assert_array_equal(a.k[:, :, :a.length], b.k[:, :, :b.length])
+        np.testing.assert_array_equal(a.v[:, :, :a.length], b.v[:, :, :b.length])
+
+
+def test_attend_prefill_equals_attend_decode_token_by_token():
+    rng = np.random.default_rng(9)
+    n_heads, kvh, hd, cap, n, pos0 = 12, 4, 64, 40, 13, 6
+    qkv = rng.normal(0, 1.5, (n, (n_heads + 2 * kvh) * hd)).astype(np.float32)
+    angles = rng.uniform(0, 6.3, (n, hd // 2)).astype(np.float32)
+    cos = np.concatenate([np.cos(angles), np.cos(angles)], 1)
+    sin = np.concatenate([-np.sin(angles), np.sin(angles)], 1)
+    k0 = rng.normal(0, 1, (kvh, cap, hd)).astype(np.float16)
+    v0 = rng.normal(0, 1, (kvh, cap, hd)).astype(np.float16)
+    k_want, v_want = k0.copy(), v0.copy()
+    want = np.stack([kernels.attend_decode(qkv[i], cos[i], sin[i], k_want, v_want, pos0 + i, n_heads, 0.125)
+                     for i in range(n)])
+    k, v = k0.copy(), v0.copy()
+    got = kernels.attend_prefill(qkv, cos, sin, k, v, pos0, n_heads, 0.125)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(k, k_want)
+    np.testing.assert_array_equal(v, v_want)
+    # the numpy prefill it replaced (BLAS matmuls, another summation order) agrees to f32 rounding
+    numpy_out = np.stack([kernels.numpy_attend_decode(qkv[i], cos[i], sin[i], k0.copy(), v0.copy(), pos0 + i, n_heads,
+                                                      0.125) for i in range(1)])
+    np.testing.assert_allclose(numpy_out, got[:1], rtol=0, atol=1e-5)
+
+
+def test_attend_prefill_rejects_bad_arguments():
+    model = random_transformer(1, False)
+    cfg, hd = model.cfg, model.cfg.head_dim
+    cache = model.new_cache(8)
+    qkv = np.zeros((3, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd), dtype=np.float32)
+    cos, sin = model.cos[:3], model.sin[:3]
+    k, v = cache.k[0], cache.v[0]
+    with pytest.raises(ValueError, match=r"cache: expected .* pos0 \+ N <= 8, got .* 6 \+ 3"):
+        kernels.attend_prefill(qkv, cos, sin, k, v, 6, cfg.n_heads, model.scale)
+    with pytest.raises(ValueError, match=r"qkv: expected qkv \[N, "):
+        kernels.attend_prefill(qkv[:, :-1].copy(), cos, sin, k, v, 0, cfg.n_heads, model.scale)
+    with pytest.raises(ValueError, match=r"qkv: expected \[N, \(H \+ 2 KVH\) hd\]"):
+        kernels.attend_prefill(qkv[0], cos, sin, k, v, 0, cfg.n_heads, model.scale)
+    with pytest.raises(ValueError, match="k_cache: expected two"):
+        kernels.attend_prefill(qkv, cos, sin, k, v[:1], 0, cfg.n_heads, model.scale)
 
 
 def test_bad_step_arguments_name_the_argument():

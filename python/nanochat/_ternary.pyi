@@ -100,6 +100,21 @@ def attend_decode(
     [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written (rounded) into float16 k_cache/v_cache [KVH, capacity,
     hd] at pos, softmax attention of each query head over positions 0..=pos -> float32 [H hd]."""
 
+def attend_prefill(
+    qkv: npt.NDArray[np.float32],
+    cos: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float16],
+    v_cache: npt.NDArray[np.float16],
+    pos0: int,
+    n_heads: int,
+    scale: float,
+) -> npt.NDArray[np.float32]:
+    """Prefill attention of N new tokens of one sequence: qkv [N, (H + 2 KVH) hd] before RoPE, full-width
+    cos/sin [N, hd]; every token's k and v written (rounded) into float16 k_cache/v_cache [KVH, capacity, hd]
+    at pos0..pos0 + N, then token i attends over positions 0..=pos0 + i -> float32 [N, H hd]. Per token the
+    same bits as attend_decode; releases the GIL."""
+
 def mhc_read(xs: npt.NDArray[np.float32], h_pre: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """mHC read of streams xs [n, ..., D] with weights h_pre [n]: sum_i h_pre[i] xs[i] -> [..., D] (streams
     added in order; the engine's prefill and decode both call it, so they agree bit for bit)."""

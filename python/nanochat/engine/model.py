@@ -8,8 +8,10 @@ GQA, SwiGLU, mHC-lite mixing), the same as nanochat.model's quantized forward.
 
 A pure decode step (every sequence has exactly one new token) runs as one native call with the Rust
 extension (kernels.DecodeModel, decode.rs): the same norm, mHC, SiLU and matmul functions this file
-calls for prefill, so a decoded token's residual stream equals the prefill's bit for bit (attention
-sums in another order). The Python layer loop below serves prefill, mixed batches and the numpy backend.
+calls for prefill, and a prompt's attention (kernels.attend_prefill) runs each token through the decode
+step's attention, so a prompt read at once and the same tokens decoded one by one agree bit for bit.
+The Python layer loop below serves prefill, mixed batches and the numpy backend (whose prefill
+attention uses numpy matmuls, another summation order).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 from nanochat.config import ModelConfig
 from nanochat.engine import kernels
 
-# prefill attention in query blocks; each block sees only the keys up to its last query
-# (512-token prefill: 763 tok/s at 64 vs 679 at 256, medians of 3)
+# the numpy backend's prefill attention in query blocks; each block sees only the keys up to its last
+# query (512-token prefill: 763 tok/s at 64 vs 679 at 256, medians of 3)
 ATTN_QUERY_CHUNK = 64
 
 
@@ -212,6 +214,17 @@ class Transformer:
                                                   cfg.n_heads, self.scale) for i, (_, cache) in enumerate(seqs)])
             return self._linear(layer.o, out if layer.attn_sub_norm is None else
                                 kernels.rms_norm(out, layer.attn_sub_norm, self.eps))
+        if kernels.attend_prefill is not None:  # each token through the decode step's attention, one call per sequence
+            out = np.empty((n_tok, self.q_dim), dtype=np.float32)
+            start = 0
+            for (_, cache), t in zip(seqs, lengths):
+                rows = slice(start, start + t)
+                out[rows] = kernels.attend_prefill(qkv[rows], cos[rows], sin[rows], cache.k[li], cache.v[li],
+                                                   cache.length, cfg.n_heads, self.scale)
+                start += t
+            if layer.attn_sub_norm is not None:
+                out = kernels.rms_norm(out, layer.attn_sub_norm, self.eps)
+            return self._linear(layer.o, out)
         kernels.rope_rows(qkv, cos, sin, cfg.n_heads + n_kv)  # q and k heads, in place (the decode step's arithmetic)
         q = qkv[:, :self.q_dim].reshape(n_tok, cfg.n_heads, hd)
         k = qkv[:, self.q_dim:qk_dim].reshape(n_tok, n_kv, hd)

@@ -278,7 +278,24 @@ pub fn attend_decode(
             ),
         ));
     }
-    let (q_raw, kv) = qkv.split_at(q_dim);
+    let q_raw = &qkv[..q_dim];
+    write_new_kv(s, &qkv[q_dim..], cos, sin, k_cache, v_cache, pos);
+    attend_dispatch(&AttnInput { s, q_raw, cos, sin, k_cache, v_cache, pos, scale }, out);
+    Ok(())
+}
+
+/// One token's k (after RoPE) and v [KVH hd each, side by side in kv] written into the caches at pos,
+/// rounded to float16.
+fn write_new_kv(
+    s: AttnShape,
+    kv: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+    pos: usize,
+) {
+    let (hd, kv_dim) = (s.head_dim, s.n_kv_heads * s.head_dim);
     let (k_new, v_new) = kv.split_at(kv_dim);
     let mut k_row = vec![0f32; hd];
     for g in 0..s.n_kv_heads {
@@ -287,21 +304,92 @@ pub fn attend_decode(
         k_cache[at..at + hd].convert_from_f32_slice(&k_row);
         v_cache[at..at + hd].convert_from_f32_slice(&v_new[g * hd..(g + 1) * hd]);
     }
-    let input = AttnInput { s, q_raw, cos, sin, k_cache, v_cache, pos, scale };
+}
+
+/// `attend_cached` compiled for the widest vectors this CPU has.
+fn attend_dispatch(input: &AttnInput, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked on the line above).
-            unsafe { attend_avx512(&input, out) };
-            return Ok(());
+            unsafe { attend_avx512(input, out) };
+            return;
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked on the line above).
-            unsafe { attend_avx2(&input, out) };
-            return Ok(());
+            unsafe { attend_avx2(input, out) };
+            return;
         }
     }
-    attend_cached::<false>(&input, out);
+    attend_cached::<false>(input, out);
+}
+
+/// Prefill attention of N new tokens of one sequence at positions pos0..pos0 + N: qkv [N, (H + 2 KVH)
+/// hd] before RoPE, cos/sin [N, hd]. Every token's k and v are written into the caches first, then
+/// each token attends over positions 0..=its own, one task per token on up to `threads` threads.
+/// Per token this is exactly `attend_decode` (the same write, the same attention function), so a
+/// prompt read at once and the same tokens decoded one by one give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_prefill(
+    s: AttnShape,
+    qkv: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let hd = s.head_dim;
+    let (q_dim, kv_dim) = (s.n_heads * hd, s.n_kv_heads * hd);
+    let qkv_dim = q_dim + 2 * kv_dim;
+    if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) || hd == 0 || !hd.is_multiple_of(2) {
+        return Err(invalid("shape", format!("{s:?}: heads must be a multiple of kv heads, head_dim even")));
+    }
+    let n = qkv.len() / qkv_dim;
+    if qkv.len() != n * qkv_dim || cos.len() != n * hd || sin.len() != n * hd || out.len() != n * q_dim {
+        return Err(invalid(
+            "qkv",
+            format!(
+                "expected qkv [N, {qkv_dim}], cos/sin [N, {hd}], out [N, {q_dim}]; got {}, {}/{}, {} values",
+                qkv.len(),
+                cos.len(),
+                sin.len(),
+                out.len()
+            ),
+        ));
+    }
+    let cache_len = s.n_kv_heads * s.capacity * hd;
+    if k_cache.len() != cache_len || v_cache.len() != cache_len || pos0 + n > s.capacity {
+        return Err(invalid(
+            "cache",
+            format!(
+                "expected [{}, {}, {hd}] caches and pos0 + N <= {}, got {} values and {pos0} + {n}",
+                s.n_kv_heads,
+                s.capacity,
+                s.capacity,
+                k_cache.len()
+            ),
+        ));
+    }
+    for (i, row) in qkv.chunks_exact(qkv_dim).enumerate() {
+        let (c, sn) = (&cos[i * hd..(i + 1) * hd], &sin[i * hd..(i + 1) * hd]);
+        write_new_kv(s, &row[q_dim..], c, sn, k_cache, v_cache, pos0 + i);
+    }
+    let (k_cache, v_cache) = (&*k_cache, &*v_cache);
+    let attend_token = |(i, o): (usize, &mut [f32])| {
+        let (c, sn) = (&cos[i * hd..(i + 1) * hd], &sin[i * hd..(i + 1) * hd]);
+        let q_raw = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
+        attend_dispatch(&AttnInput { s, q_raw, cos: c, sin: sn, k_cache, v_cache, pos: pos0 + i, scale }, o);
+    };
+    if threads > 1 && n > 1 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(q_dim).enumerate().for_each(attend_token);
+    } else {
+        out.chunks_mut(q_dim).enumerate().for_each(attend_token);
+    }
     Ok(())
 }
 
@@ -799,6 +887,39 @@ mod tests {
         assert_eq!(exp_poly(0.0), 1.0);
         assert!(exp_poly(-1000.0) < 1e-37);
         assert!(exp_poly(1000.0).is_finite() && exp_poly(f32::NAN).is_nan());
+    }
+
+    /// A prompt's attention read at once equals its tokens decoded one by one, bit for bit (caches too),
+    /// on 1 and 2 threads; a prompt past the cache is an error that names the sizes.
+    #[test]
+    fn prefill_attention_equals_decoding_token_by_token() {
+        let (hd, cap, n, pos0) = (16, 12, 5, 3);
+        let s = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: hd, capacity: cap };
+        let qkv_dim = (6 + 4) * hd;
+        let qkv: Vec<f32> = (0..n * qkv_dim).map(|i| (i as f32 * 0.173).sin() * 1.7).collect();
+        let cos: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.05).cos()).collect();
+        let sin: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.05).sin()).collect();
+        let k0: Vec<f16> = (0..2 * cap * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos())).collect();
+        let v0: Vec<f16> = (0..2 * cap * hd).map(|i| f16::from_f32((i as f32 * 0.07).sin())).collect();
+        let (mut k_want, mut v_want) = (k0.clone(), v0.clone());
+        let mut want = vec![0f32; n * 6 * hd];
+        for i in 0..n {
+            let (c, sn) = (&cos[i * hd..(i + 1) * hd], &sin[i * hd..(i + 1) * hd]);
+            let out = &mut want[i * 6 * hd..(i + 1) * 6 * hd];
+            let q = &qkv[i * qkv_dim..(i + 1) * qkv_dim];
+            attend_decode(s, q, c, sn, &mut k_want, &mut v_want, pos0 + i, 0.25, out).unwrap();
+        }
+        for threads in [1, 2] {
+            let (mut k, mut v) = (k0.clone(), v0.clone());
+            let mut got = vec![0f32; n * 6 * hd];
+            attend_prefill(s, &qkv, &cos, &sin, &mut k, &mut v, pos0, 0.25, &mut got, threads).unwrap();
+            assert_eq!(got, want, "{threads} threads");
+            assert_eq!((k, v), (k_want.clone(), v_want.clone()), "{threads} threads: caches");
+        }
+        let (mut k, mut v) = (k0.clone(), v0.clone());
+        let mut got = vec![0f32; n * 6 * hd];
+        let err = attend_prefill(s, &qkv, &cos, &sin, &mut k, &mut v, cap - 2, 0.25, &mut got, 1).unwrap_err();
+        assert!(err.to_string().contains("pos0 + N <= 12, got 384 values and 10 + 5"), "{err}");
     }
 
     #[test]

@@ -425,6 +425,45 @@ fn attend_decode<'py>(
     Ok(PyArray1::from_vec(py, out))
 }
 
+/// Prefill attention of N new tokens of one sequence: qkv [N, (H + 2 KVH) hd] (float32, before RoPE),
+/// full-width cos/sin [N, hd], every token's k and v written (rounded) into the float16 caches
+/// k_cache/v_cache [KVH, capacity, hd] at pos0..pos0 + N, then token i attends over positions
+/// 0..=pos0 + i -> float32 [N, H hd]. Per token the same bits as attend_decode; GIL released.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attend_prefill<'py>(
+    py: Python<'py>,
+    qkv: numpy::PyReadonlyArrayDyn<'py, f32>,
+    cos: numpy::PyReadonlyArrayDyn<'py, f32>,
+    sin: numpy::PyReadonlyArrayDyn<'py, f32>,
+    mut k_cache: numpy::PyReadwriteArrayDyn<'py, f16>,
+    mut v_cache: numpy::PyReadwriteArrayDyn<'py, f16>,
+    pos0: usize,
+    n_heads: usize,
+    scale: f32,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let cs = k_cache.shape().to_vec();
+    if cs.len() != 3 || v_cache.shape() != cs.as_slice() {
+        return Err(invalid(
+            "k_cache",
+            format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape()),
+        )
+        .into());
+    }
+    if qkv.ndim() != 2 {
+        return Err(invalid("qkv", format!("expected [N, (H + 2 KVH) hd], got shape {:?}", qkv.shape())).into());
+    }
+    let n = qkv.shape()[0];
+    let shape = layer_ops::AttnShape { n_heads, n_kv_heads: cs[0], head_dim: cs[2], capacity: cs[1] };
+    let mut out = vec![0f32; n * n_heads * cs[2]];
+    let kc = k_cache.as_slice_mut().map_err(|_| invalid("k_cache", "not C-contiguous"))?;
+    let vc = v_cache.as_slice_mut().map_err(|_| invalid("v_cache", "not C-contiguous"))?;
+    let (q, c, s) = (slice_of("qkv", &qkv)?, slice_of("cos", &cos)?, slice_of("sin", &sin)?);
+    let threads = pool::global()?.threads();
+    py.detach(|| layer_ops::attend_prefill(shape, q, c, s, kc, vc, pos0, scale, &mut out, threads))?;
+    to_2d(py, out, n, n_heads * cs[2])
+}
+
 /// mHC read of streams xs [n, ..., D] (float32) with weights h_pre [n]: sum_i h_pre[i] xs[i] -> [..., D].
 /// The engine's prefill and decode both call this, so their residual streams agree bit for bit.
 #[pyfunction]
@@ -791,6 +830,7 @@ fn _ternary(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rms_norm, m)?)?;
     m.add_function(wrap_pyfunction!(silu_mul, m)?)?;
     m.add_function(wrap_pyfunction!(attend_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(attend_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(mhc_read, m)?)?;
     m.add_function(wrap_pyfunction!(mhc_write, m)?)?;
     m.add_function(wrap_pyfunction!(rope_rows, m)?)?;
