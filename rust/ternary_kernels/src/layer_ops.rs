@@ -234,7 +234,8 @@ fn causal_softmax_rows(scores: &mut [f32], s_len: usize, c: usize, q0: usize, sc
 
 /// One token of one sequence at position `pos`: rope q and k of `qkv` ([q | k | v] heads), write k and
 /// v into the caches ([KVH, capacity, hd], float16: rounded to nearest even) at `pos`, attend over
-/// positions 0..=pos in f32 (the cached rows are widened exactly); out [n_heads * hd].
+/// positions 0..=pos in f32 (the cached rows are widened exactly); out [n_heads * hd]. A one-token
+/// `attend_prefill` (out's length admits exactly one token).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_decode(
     s: AttnShape,
@@ -247,41 +248,7 @@ pub fn attend_decode(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let hd = s.head_dim;
-    let (q_dim, kv_dim) = (s.n_heads * hd, s.n_kv_heads * hd);
-    let cache_len = s.n_kv_heads * s.capacity * hd;
-    if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) || !hd.is_multiple_of(2) {
-        return Err(invalid("shape", format!("{s:?}: heads must be a multiple of kv heads, head_dim even")));
-    }
-    if qkv.len() != q_dim + 2 * kv_dim || cos.len() != hd || sin.len() != hd || out.len() != q_dim {
-        return Err(invalid(
-            "qkv",
-            format!(
-                "expected qkv {} values, cos/sin {hd}, out {q_dim}; got {}, {}/{}, {}",
-                q_dim + 2 * kv_dim,
-                qkv.len(),
-                cos.len(),
-                sin.len(),
-                out.len()
-            ),
-        ));
-    }
-    if k_cache.len() != cache_len || v_cache.len() != cache_len || pos >= s.capacity {
-        return Err(invalid(
-            "cache",
-            format!(
-                "expected [{}, {}, {hd}] caches and pos < {}, got {} values and pos {pos}",
-                s.n_kv_heads,
-                s.capacity,
-                s.capacity,
-                k_cache.len()
-            ),
-        ));
-    }
-    let q_raw = &qkv[..q_dim];
-    write_new_kv(s, &qkv[q_dim..], cos, sin, k_cache, v_cache, pos);
-    attend_dispatch(&AttnInput { s, q_raw, cos, sin, k_cache, v_cache, pos, scale }, out);
-    Ok(())
+    attend_prefill(s, qkv, cos, sin, k_cache, v_cache, pos, scale, out, 1)
 }
 
 /// One token's k (after RoPE) and v [KVH hd each, side by side in kv] written into the caches at pos,
@@ -327,8 +294,8 @@ fn attend_dispatch(input: &AttnInput, out: &mut [f32]) {
 /// Prefill attention of N new tokens of one sequence at positions pos0..pos0 + N: qkv [N, (H + 2 KVH)
 /// hd] before RoPE, cos/sin [N, hd]. Every token's k and v are written into the caches first, then
 /// each token attends over positions 0..=its own, one task per token on up to `threads` threads.
-/// Per token this is exactly `attend_decode` (the same write, the same attention function), so a
-/// prompt read at once and the same tokens decoded one by one give the same bits.
+/// `attend_decode` is this for one token, so a prompt read at once and the same tokens decoded one by
+/// one give the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_prefill(
     s: AttnShape,

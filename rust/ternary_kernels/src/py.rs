@@ -382,6 +382,26 @@ fn silu_mul<'py>(py: Python<'py>, gu: numpy::PyReadonlyArrayDyn<'py, f32>) -> Py
     to_2d(py, out, shape[0], f)
 }
 
+/// The attention shape of float16 caches k_cache / v_cache [KVH, capacity, hd] with n_heads query heads,
+/// and the caches as slices (both checked: same 3-D shape, C-contiguous).
+fn attn_caches<'a>(
+    k_cache: &'a mut numpy::PyReadwriteArrayDyn<'_, f16>,
+    v_cache: &'a mut numpy::PyReadwriteArrayDyn<'_, f16>,
+    n_heads: usize,
+) -> Result<(layer_ops::AttnShape, &'a mut [f16], &'a mut [f16])> {
+    let cs = k_cache.shape().to_vec();
+    if cs.len() != 3 || v_cache.shape() != cs.as_slice() {
+        return Err(invalid(
+            "k_cache",
+            format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape()),
+        ));
+    }
+    let shape = layer_ops::AttnShape { n_heads, n_kv_heads: cs[0], head_dim: cs[2], capacity: cs[1] };
+    let kc = k_cache.as_slice_mut().map_err(|_| invalid("k_cache", "not C-contiguous"))?;
+    let vc = v_cache.as_slice_mut().map_err(|_| invalid("v_cache", "not C-contiguous"))?;
+    Ok((shape, kc, vc))
+}
+
 /// One decode step of attention for one sequence: RoPE on q and k of qkv [q | k | v] (float32
 /// [(H + 2 KVH) hd]) with full-width cos/sin [hd], k and v written (rounded) into the float16 caches
 /// k_cache/v_cache [KVH, capacity, hd] at pos, softmax attention of each query head over positions
@@ -399,18 +419,8 @@ fn attend_decode<'py>(
     n_heads: usize,
     scale: f32,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let cs = k_cache.shape().to_vec();
-    if cs.len() != 3 || v_cache.shape() != cs.as_slice() {
-        return Err(invalid(
-            "k_cache",
-            format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape()),
-        )
-        .into());
-    }
-    let shape = layer_ops::AttnShape { n_heads, n_kv_heads: cs[0], head_dim: cs[2], capacity: cs[1] };
-    let mut out = vec![0f32; n_heads * cs[2]];
-    let kc = k_cache.as_slice_mut().map_err(|_| invalid("k_cache", "not C-contiguous"))?;
-    let vc = v_cache.as_slice_mut().map_err(|_| invalid("v_cache", "not C-contiguous"))?;
+    let (shape, kc, vc) = attn_caches(&mut k_cache, &mut v_cache, n_heads)?;
+    let mut out = vec![0f32; n_heads * shape.head_dim];
     layer_ops::attend_decode(
         shape,
         slice_of("qkv", &qkv)?,
@@ -442,26 +452,16 @@ fn attend_prefill<'py>(
     n_heads: usize,
     scale: f32,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let cs = k_cache.shape().to_vec();
-    if cs.len() != 3 || v_cache.shape() != cs.as_slice() {
-        return Err(invalid(
-            "k_cache",
-            format!("expected two [KVH, capacity, hd] caches, got {cs:?} and {:?}", v_cache.shape()),
-        )
-        .into());
-    }
+    let (shape, kc, vc) = attn_caches(&mut k_cache, &mut v_cache, n_heads)?;
     if qkv.ndim() != 2 {
         return Err(invalid("qkv", format!("expected [N, (H + 2 KVH) hd], got shape {:?}", qkv.shape())).into());
     }
     let n = qkv.shape()[0];
-    let shape = layer_ops::AttnShape { n_heads, n_kv_heads: cs[0], head_dim: cs[2], capacity: cs[1] };
-    let mut out = vec![0f32; n * n_heads * cs[2]];
-    let kc = k_cache.as_slice_mut().map_err(|_| invalid("k_cache", "not C-contiguous"))?;
-    let vc = v_cache.as_slice_mut().map_err(|_| invalid("v_cache", "not C-contiguous"))?;
+    let mut out = vec![0f32; n * n_heads * shape.head_dim];
     let (q, c, s) = (slice_of("qkv", &qkv)?, slice_of("cos", &cos)?, slice_of("sin", &sin)?);
     let threads = pool::global()?.threads();
     py.detach(|| layer_ops::attend_prefill(shape, q, c, s, kc, vc, pos0, scale, &mut out, threads))?;
-    to_2d(py, out, n, n_heads * cs[2])
+    to_2d(py, out, n, n_heads * shape.head_dim)
 }
 
 /// mHC read of streams xs [n, ..., D] (float32) with weights h_pre [n]: sum_i h_pre[i] xs[i] -> [..., D].
