@@ -205,26 +205,30 @@ class Transformer:
 
     def _attention(self, li: int, layer: LayerWeights, h: np.ndarray, seqs, lengths, cos, sin) -> np.ndarray:
         cfg = self.cfg
-        hd, n_kv = cfg.head_dim, cfg.n_kv_heads
-        r = cfg.n_heads // n_kv
         qkv = self._linear(layer.qkv, h)
-        n_tok, qk_dim = h.shape[0], self.q_dim + self.kv_dim
-        if n_tok == len(seqs):  # decode: one new token per sequence, RoPE + cache write + attention fused
-            out = np.stack([kernels.attend_decode(qkv[i], cos[i], sin[i], cache.k[li], cache.v[li], cache.length,
-                                                  cfg.n_heads, self.scale) for i, (_, cache) in enumerate(seqs)])
-            return self._linear(layer.o, out if layer.attn_sub_norm is None else
-                                kernels.rms_norm(out, layer.attn_sub_norm, self.eps))
-        if kernels.attend_prefill is not None:  # each token through the decode step's attention, one call per sequence
-            out = np.empty((n_tok, self.q_dim), dtype=np.float32)
+        if kernels.attend_prefill is not None:  # Rust: each token through the decode step's attention, a call per sequence
+            out = np.empty((h.shape[0], self.q_dim), dtype=np.float32)
             start = 0
             for (_, cache), t in zip(seqs, lengths):
                 rows = slice(start, start + t)
                 out[rows] = kernels.attend_prefill(qkv[rows], cos[rows], sin[rows], cache.k[li], cache.v[li],
                                                    cache.length, cfg.n_heads, self.scale)
                 start += t
-            if layer.attn_sub_norm is not None:
-                out = kernels.rms_norm(out, layer.attn_sub_norm, self.eps)
-            return self._linear(layer.o, out)
+        elif h.shape[0] == len(seqs):  # numpy decode: one new token per sequence, RoPE + cache write + attention
+            out = np.stack([kernels.attend_decode(qkv[i], cos[i], sin[i], cache.k[li], cache.v[li], cache.length,
+                                                  cfg.n_heads, self.scale) for i, (_, cache) in enumerate(seqs)])
+        else:
+            out = self._numpy_prefill_attention(li, qkv, seqs, lengths, cos, sin)
+        if layer.attn_sub_norm is not None:
+            out = kernels.rms_norm(out, layer.attn_sub_norm, self.eps)
+        return self._linear(layer.o, out)
+
+    def _numpy_prefill_attention(self, li: int, qkv: np.ndarray, seqs, lengths, cos, sin) -> np.ndarray:
+        """The numpy backend's prompt attention: RoPE in place, cache writes, query blocks of BLAS matmuls."""
+        cfg = self.cfg
+        hd, n_kv = cfg.head_dim, cfg.n_kv_heads
+        r = cfg.n_heads // n_kv
+        n_tok, qk_dim = qkv.shape[0], self.q_dim + self.kv_dim
         kernels.rope_rows(qkv, cos, sin, cfg.n_heads + n_kv)  # q and k heads, in place (the decode step's arithmetic)
         q = qkv[:, :self.q_dim].reshape(n_tok, cfg.n_heads, hd)
         k = qkv[:, self.q_dim:qk_dim].reshape(n_tok, n_kv, hd)
@@ -248,6 +252,4 @@ class Transformer:
                 y = np.matmul(scores, values[:, :s_len])  # [KVH, r*c, hd]
                 out[start + c0:start + c1] = y.reshape(n_kv, r, c1 - c0, hd).transpose(2, 0, 1, 3).reshape(c1 - c0, self.q_dim)
             start = end
-        if layer.attn_sub_norm is not None:
-            out = kernels.rms_norm(out, layer.attn_sub_norm, self.eps)
-        return self._linear(layer.o, out)
+        return out

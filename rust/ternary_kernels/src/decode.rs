@@ -12,8 +12,9 @@
 //!
 //! Every piece is the function the prefill path calls (layer_ops.rs, ops.rs), row for row, and the
 //! prefill's attention (`layer_ops::attend_prefill`) is this step's attention token by token, so a
-//! decoded token gets the same residual stream as the same token in a prefill. `DecodeModel` chains the layers, then the stream mean,
-//! the output norm and the int8 head. Each stage's time is summed for benches/bench_engine.py.
+//! decoded token gets the same residual stream as the same token in a prefill. `DecodeModel` chains
+//! the layers, then the stream mean, the output norm and the int8 head. Each stage's time is summed
+//! for benches/bench_engine.py.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
