@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, NAN, cast_for_store, check_runnable, round_half_even
+from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, cast_for_store, check_runnable, nan_like, round_half_even
 
 MAX_BLOCK_K = 4096  # elements of a row held per chunk
 TILE = 4096  # elements per program: several short rows share one program
@@ -37,7 +37,7 @@ def act_quant_kernel(x_ptr, xq_ptr, q_ptr, s_ptr, M, K, stride_x, stride_xq, str
         bad = tl.maximum(bad, tl.max(tl.where(a <= FLT_MAX, 0, 1), axis=1))
 
     s = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), tl.maximum(amax, EPS))
-    s = tl.where(bad > 0, NAN, s)
+    s = tl.where(bad > 0, nan_like(s), s)
     if WRITE_INT8:
         tl.store(s_ptr + rows, s, mask=row_ok)
 

@@ -24,7 +24,9 @@ LAUNCH_OPTIONS = {} if INTERPRET else {"enable_fp_fusion": False}
 
 EPS: tl.constexpr = tl.constexpr(1e-5)  # quant.EPS: smallest scale / absmax
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX is false for inf and NaN
-NAN: tl.constexpr = tl.constexpr(float("nan"))
+# fp32 quiet NaN by its bits: a NaN-valued global fails Triton 3.6's launch check that the globals a
+# kernel used are unchanged (it compares with ==, and NaN != NaN), so kernels build NaN with nan_like
+QUIET_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it leaves no fraction bits
 
 
@@ -32,6 +34,12 @@ ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it l
 def round_half_even(x):
     """fp32 round-half-to-even (torch.round) for |x| < 2**22; NaN stays NaN."""
     return (x + ROUND_MAGIC) - ROUND_MAGIC
+
+
+@triton.jit
+def nan_like(x):
+    """fp32 quiet NaNs shaped like x."""
+    return tl.full(x.shape, QUIET_NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit

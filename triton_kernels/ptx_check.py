@@ -5,7 +5,9 @@ representative specializations through Triton's full pipeline (TTIR -> TTGIR -> 
 ptxas cubin) for sm_90 (H100/H200) and checks that what must be exact stays exact:
   - no fused multiply-add anywhere (launches use enable_fp_fusion=False; an fma would round differently),
   - every fp32 division is IEEE `div.rn.f32` (never `div.full` / `div.approx`),
-  - the round-half-even magic constant 1.5 * 2**23 is both added and subtracted (not folded away).
+  - the round-half-even magic constant 1.5 * 2**23 is both added and subtracted (not folded away);
+and that every global a kernel reads equals itself: each launch re-checks them with == (Triton 3.6
+on a real GPU failed on a NaN constant, which the interpreter never checks).
 Run: .venv/bin/python -m triton_kernels.ptx_check      (must run without TRITON_INTERPRET)
 """
 
@@ -75,6 +77,18 @@ def problems(ptx: str) -> list[str]:
     return found
 
 
+def unstable_globals() -> list[str]:
+    """Globals used by a compiled kernel that fail the launch-time `current == compiled` check.
+    Call after compile_ptx(), which records them on each JIT function."""
+    found = []
+    for module in MODULES.values():
+        for attr in dir(module):
+            used = getattr(getattr(module, attr), "used_global_vals", {})
+            found += [f"{module.__name__}.{attr}: {name} = {value}" for (name, _), (value, namespace) in used.items()
+                      if not namespace.get(name) == value]
+    return found
+
+
 def main() -> None:
     failed = False
     for name, ptx in compile_ptx().items():
@@ -83,7 +97,9 @@ def main() -> None:
         print(f"{name:<28} sm_90 ok  div.rn.f32 x{divs:<3} magic-round x{ptx.count('0f4B400000'):<3}"
               + ("  PROBLEMS: " + "; ".join(issues) if issues else ""))
         failed |= bool(issues)
-    sys.exit(1 if failed else 0)
+    unstable = unstable_globals()
+    print("globals re-checked at launch: " + ("PROBLEMS: " + "; ".join(unstable) if unstable else "all equal themselves"))
+    sys.exit(1 if failed or unstable else 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, NAN, cast_for_store, check_runnable, round_half_even
+from .common import EPS, FLT_MAX, LAUNCH_OPTIONS, cast_for_store, check_runnable, nan_like, round_half_even
 
 GROUP_SIZES = (64, 128, 256)
 METHODS = ("absmean", "absmax")
@@ -50,7 +50,7 @@ def weight_quant_kernel(w_ptr, wq_ptr, scales_ptr, codes_ptr, N, K, G,
     q = tl.minimum(tl.maximum(q, -2.0), 2.0)
     q = tl.minimum(tl.maximum(round_half_even(q), -1.0), 1.0)
     q = tl.where(bad[:, None], 0.0, q)
-    scale = tl.where(bad, NAN, scale)
+    scale = tl.where(bad, nan_like(scale), scale)
     wq = q * scale[:, None]
 
     tl.store(wq_ptr + rows[:, None] * stride_wq + cols[None, :], cast_for_store(wq, wq_ptr), mask=mask)
