@@ -148,6 +148,11 @@ def bench_act_kernels(presets: list[str], tokens: int, peak_bw: float | None) ->
 # ---------------------------------------------------------------------------------------------
 # 3. training step
 
+# --modes name -> (label, QAT on, eager reference quantizers)
+TRAIN_MODES = {"fp16": ("fp16 linears (no QAT)", False, False), "triton": ("QAT, Triton kernels", True, False),
+               "reference": ("QAT, eager reference", True, True)}
+
+
 def bench_train(args, peak_flops: float | None) -> list[dict]:
     from tqdm import tqdm
 
@@ -175,8 +180,7 @@ def bench_train(args, peak_flops: float | None) -> list[dict]:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    modes = [("fp16 linears (no QAT)", False, False), ("QAT, Triton kernels", True, False),
-             ("QAT, eager reference", True, True)]
+    modes = [TRAIN_MODES[name] for name in args.modes.split(",")]
     rows = []
     print(f"\ntraining step: {args.train_preset} ({model.num_params() / 1e6:.0f}M params), batch {args.batch_size} x "
           f"{args.seq_len} tokens, fp16 autocast, fused AdamW{', torch.compile' if args.compile else ''}")
@@ -221,11 +225,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per mode")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--modes", default="fp16,triton,reference",
+                        help=f"training-step modes to time, in order, from {list(TRAIN_MODES)} (the first is the overhead baseline)")
     # device
     parser.add_argument("--peak-gbs", type=float, default=-1, help="peak memory bandwidth in GB/s (-1: from the device name)")
     parser.add_argument("--peak-tflops", type=float, default=-1, help="peak fp16 dense TFLOP/s (-1: from the device name)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    unknown = [m for m in args.modes.split(",") if m not in TRAIN_MODES]
+    if unknown:
+        parser.error(f"--modes: unknown mode(s) {unknown}; choose from {list(TRAIN_MODES)}")
 
     if not torch.cuda.is_available():
         sys.exit("bench_triton: needs a CUDA GPU, and torch.cuda.is_available() is False; "
