@@ -8,6 +8,8 @@ warm-up steps. A request for CUDA without a GPU is an error, never a silent CPU 
     .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision bf16 --batch-size 16 --seq-len 1024
     .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision fp16 --compile
     .venv/bin/python benches/bench_train.py --breakdown --no-plain          # + where a CPU step goes
+    .venv/bin/python benches/bench_train.py --preset nano-125m --device cuda --precision fp16 --batch-size 16 \
+        --seq-len 2048 --no-plain --profile 2 --trace runs/train_step.json.gz   # + where a GPU step goes
 
 CPU ms are process CPU time (all threads): on a shared machine they show the work a step costs
 even when other jobs stretch its wall time.
@@ -118,6 +120,43 @@ def breakdown(model, optimizers, device: str, batch_size: int, seq_len: int, war
           f"  -> {batch_size * seq_len * steps / total_wall:,.0f} tok/s wall")
 
 
+def profile_steps(model, optimizers, scaler, device: str, precision: str, batch_size: int, seq_len: int,
+                  steps: int, trace: str | None, rows: int = 30) -> None:
+    """torch.profiler over `steps` training steps: the ops and kernels that take the device's time
+    (self time, so nothing is counted twice), then each GPU kernel's share of the device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    vocab = model.config.vocab_size
+    autocast = autocast_context(device, precision)
+    batch = (torch.randint(0, vocab, (batch_size, seq_len), device=device),
+             torch.randint(0, vocab, (batch_size, seq_len), device=device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            accumulate_gradients(model, [batch], autocast, scaler)
+            optimizer_step(model, optimizers, scaler, grad_clip=1.0)
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"  profile of {steps} steps, sorted by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70))
+    if cuda:  # device kernels only, grouped by a short name: where the GPU's time goes
+        kernels: dict[str, float] = {}
+        for e in prof.events():
+            # a kernel or copy on the device: its own duration; the optimizers' and compiled graphs'
+            # record_function ranges are mirrored on the GPU timeline too, and would count twice
+            if e.device_type.name == "CUDA" and not e.name.startswith(("Optimizer.", "## ")):
+                kernels[e.name[:90]] = kernels.get(e.name[:90], 0.0) + e.time_range.elapsed_us()
+        total = sum(kernels.values())
+        print(f"  GPU kernels: {total / 1e3 / steps:.1f} ms per step in {len(kernels)} kernels; the top {rows}:")
+        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:rows]:
+            print(f"    {us / 1e3 / steps:8.2f} ms {100 * us / total:5.1f}%  {name}")
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"  wrote {trace} (chrome://tracing or https://ui.perfetto.dev)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
@@ -131,6 +170,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-linear (quantization off) baseline")
     p.add_argument("--breakdown", action="store_true", help="also time forward/quantizers/backward/optimizers of QAT (CPU)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also run torch.profiler over this many QAT steps")
+    p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace here (.json or .json.gz)")
     args = p.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -164,6 +205,9 @@ def main() -> int:
         print(f"  {name:28s} {sec * 1000:9.1f} ms/step  {tok_s:12,.0f} tok/s  MFU {mfu}{cpu}{mem}")
         if quantize and args.breakdown and not args.device.startswith("cuda") and args.precision == "fp32":
             breakdown(model, optimizers, args.device, args.batch_size, args.seq_len, 1, args.steps)
+        if quantize and args.profile:
+            profile_steps(train_model, optimizers, scaler, args.device, args.precision, args.batch_size, args.seq_len,
+                          args.profile, args.trace)
     return 0
 
 
