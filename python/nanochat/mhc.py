@@ -109,18 +109,25 @@ class HyperConnection(nn.Module):
         """u = sum_i h_pre[i] X[i] for X [n, ..., D]."""
         h_pre, _, _ = self.matrices()
         with torch.autocast(xs.device.type, enabled=False):
-            return torch.einsum("i,i...->...", h_pre.to(xs.dtype), xs)
+            return (per_stream(h_pre.to(xs.dtype), xs) * xs).sum(0)
 
     def write(self, xs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """X'[i] = sum_j H_res[i, j] X[j] + h_post[i] y."""
         _, h_post, h_res = self.matrices()
         with torch.autocast(xs.device.type, enabled=False):
-            mixed = torch.einsum("ij,j...->i...", h_res.to(xs.dtype), xs)
-            post = h_post.to(xs.dtype).view(-1, *([1] * y.dim()))
-            return mixed + post * y.to(xs.dtype)
+            mixed = (per_stream(h_res.to(xs.dtype), xs) * xs.unsqueeze(0)).sum(1)
+            return mixed + per_stream(h_post.to(xs.dtype), xs) * y.to(xs.dtype)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, home={self.home}"
+
+
+def per_stream(weights: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Mixing weights [n] or [n, n] viewed to broadcast against the streams X [n, ..., D].
+
+    The mixes are broadcast multiplies and sums, not einsum: einsum becomes a bmm whose backward
+    cuBLAS runs as one fp32 reduction over all B*T*D values (43% of a nano-125m step on an H200)."""
+    return weights.view(*weights.shape, *([1] * (xs.dim() - 1)))
 
 
 def make_residual(n: int, home: int = 0) -> nn.Module:
