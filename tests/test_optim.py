@@ -37,6 +37,41 @@ def test_newton_schulz_pushes_singular_values_near_one(shape):
     assert torch.nn.functional.cosine_similarity(out.flatten(), (u @ v.T).flatten(), dim=0) > 0.98
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_stacked_newton_schulz_equals_one_matrix_at_a_time(shape):
+    torch.manual_seed(1)
+    stack = torch.randn(3, *shape) * torch.tensor([0.01, 1.0, 50.0]).view(3, 1, 1)  # norms far apart
+    together = newton_schulz(stack)
+    for i in range(3):
+        torch.testing.assert_close(together[i], newton_schulz(stack[i]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        newton_schulz(torch.zeros(2, 2, 3, 3))
+
+
+def test_muon_step_equals_the_per_parameter_rule():
+    # two shapes, three params of one of them, weight decay, Nesterov, two steps: every param gets
+    # lerp momentum -> Nesterov direction -> Newton-Schulz -> decay -> scaled step, as if alone
+    torch.manual_seed(2)
+    shapes = [(32, 16), (32, 16), (16, 48), (32, 16)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    mirror = [p.detach().clone() for p in params]
+    bufs = [torch.zeros(*s) for s in shapes]
+    lr, beta, wd = 0.05, 0.9, 0.1
+    opt = Muon(params, lr=lr, momentum=beta, weight_decay=wd)
+    for _ in range(2):
+        grads = [torch.randn(*s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for w, buf, g in zip(mirror, bufs, grads):
+            buf.lerp_(g, 1 - beta)
+            update = newton_schulz(g.lerp(buf, beta))
+            w.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, w.size(0) / w.size(1)) ** 0.5)
+    for p, w, buf in zip(params, mirror, bufs):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf)
+
+
 def test_muon_reduces_a_least_squares_loss():
     torch.manual_seed(0)
     x, w_true = torch.randn(256, 32), torch.randn(16, 32)

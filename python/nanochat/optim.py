@@ -5,7 +5,9 @@
   the (Nesterov) momentum by its nearest semi-orthogonal matrix (5 steps of the quintic Newton-Schulz
   iteration, in bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX: 2.5x fp32 there),
   fp32 elsewhere) and step along it, scaled by sqrt(max(1, rows / cols)) so
-  tall matrices get the same per-element update size. Decoupled weight decay as in AdamW.
+  tall matrices get the same per-element update size. Decoupled weight decay as in AdamW. Matrices of
+  one shape (nano-125m: 84 matrices, 4 shapes) are updated together: foreach momentum and decay, one
+  stacked Newton-Schulz, so a step launches a few batched matmul chains instead of one per matrix.
 - AdamW for the token embedding and output head (with weight decay) and for the norm weights and mHC
   logits (without).
 - One learning-rate knob: `build_optimizers(model, lr=1.0)` takes a *multiplier* of the per-group
@@ -50,26 +52,33 @@ CPU_BF16_MATMUL = _cpu_has_bf16_matmul()
 
 
 def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize a 2-D matrix (U V^T of its SVD, singular values pushed near 1)."""
-    if g.dim() != 2:
-        raise ValueError(f"newton_schulz: expected a 2-D matrix, got shape {tuple(g.shape)}")
+    """Approximately orthogonalize a matrix [m, n], or each of a stack [B, m, n] (U V^T of its SVD,
+    singular values pushed near 1). A stack runs as one batched matmul chain: on a GPU the per-matrix
+    chain of a small model is launch-bound."""
+    if g.dim() not in (2, 3):
+        raise ValueError(f"newton_schulz: expected a matrix or a stack of matrices, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFS
     x = g.bfloat16() if g.is_cuda or CPU_BF16_MATMUL else g.float()
-    transposed = x.size(0) > x.size(1)
+    x = x if g.dim() == 3 else x.unsqueeze(0)
+    transposed = x.size(1) > x.size(2)
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + eps)  # Frobenius norm >= spectral norm, so singular values start <= 1
+        x = x.mT
+    x = x / (x.norm(dim=(1, 2), keepdim=True) + eps)  # Frobenius norm >= spectral norm: singular values start <= 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         # x <- a x + (b gram + c gram^2) x, the scalings folded into the two matmuls (one pass each)
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
-    x = x.T if transposed else x
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    x = x.mT if transposed else x
+    x = x if g.dim() == 3 else x.squeeze(0)
     return x if g.is_cuda else x.float()  # CPU callers get fp32 whatever the iteration ran in
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters: orthogonalized Nesterov momentum with decoupled weight decay."""
+    """Muon for 2-D parameters: orthogonalized Nesterov momentum with decoupled weight decay.
+
+    Parameters of one shape are updated together: multi-tensor (foreach) momentum and weight
+    decay, one stacked Newton-Schulz. The state stays per parameter (`momentum_buffer`)."""
 
     def __init__(self, params, lr: float = MUON_LR, momentum: float = MUON_MOMENTUM, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = NS_STEPS):
@@ -91,24 +100,29 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - beta)
-                direction = grad.lerp(buf, beta) if group["nesterov"] else buf
-                update = newton_schulz(direction, group["ns_steps"])
-                # rows/cols > 1: the orthogonal update's entries are smaller; restore the per-element size
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                if p.grad is not None:
+                    by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for params in by_shape.values():
+                self._step_same_shape(params, group)
         return loss
+
+    def _step_same_shape(self, params: list[torch.Tensor], group: dict) -> None:
+        lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad.float() for p in params]
+        for p, grad in zip(params, grads):
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(grad)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - beta)
+        directions = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
+        updates = newton_schulz(torch.stack(directions), group["ns_steps"]).to(params[0].dtype).unbind(0)
+        # rows/cols > 1: the orthogonal update's entries are smaller; restore the per-element size
+        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, updates, alpha=-lr * scale)
 
 
 def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
