@@ -4,6 +4,7 @@
 #   rust_tests   the Rust kernel tests on the host's CPU (often another AVX-512 CPU than ours)
 #   triton       benches/bench_triton.py: kernels == reference on the GPU, kernel GB/s, fp16 steps
 #   train        the real entry point: python -m nanochat.train on nano-125m, fp16, on the GPU
+#   profile      bench_train.py: the step as train.py runs it (Muon), and where its GPU time goes
 #   compile      bench_triton.py --compile: the training step under torch.compile
 #   rust_bench   the criterion kernel bench (quick mode) on the host's CPU, all its threads
 # Each stage has its own time limit and log; a failed stage does not stop the next. Logs go to
@@ -54,6 +55,8 @@ stage train 120 "$PY" -m nanochat.train --preset nano-125m --device cuda:0 --pre
 mkdir -p "$LOGS/run_nano125m"  # the metrics, plot and samples come back; the weights stay behind
 cp /tmp/gpu_session_run/*.{json,jsonl,png,md} "$LOGS/run_nano125m/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$LOGS" .
+TAIL=45 stage profile 90 "$PY" benches/bench_train.py --preset nano-125m --device cuda --precision fp16 \
+    --batch-size 16 --seq-len 2048 --no-plain --warmup 3 --steps 8 --profile 2 --trace "$LOGS/trace.json.gz"
 stage compile 150 "$PY" benches/bench_triton.py --skip-kernels --compile --modes fp16,triton --json "$LOGS/bench_triton_compile.json"
 if [ -x .gpu/kernels-bench ]; then
     TAIL=60 stage rust_bench 110 .gpu/kernels-bench --bench
