@@ -9,6 +9,7 @@
 #   rust_bench   the criterion kernel bench (quick mode) on the host's CPU, all its threads
 # Each stage has its own time limit and log; a failed stage does not stop the next. Logs go to
 # $OUT (the device tool's folder) or runs/gpu_session, packed after every stage into logs.tgz.
+# All stages take ~6-8 minutes on an H200; SKIP="compile rust_bench" leaves stages out (a rerun).
 #
 # The host has no Rust toolchain: build the two Rust binaries here and carry them in .gpu/:
 #   cargo test --release --no-run   -> target/release/deps/_ternary-*  (the unittests one) -> .gpu/ternary-tests
@@ -25,6 +26,7 @@ unset TRITON_INTERPRET
 stage() {  # stage NAME LIMIT_S CMD...: run CMD under a time limit, log it, show its tail, pack logs
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "== $name skipped (SKIP) =="; return; fi
     echo "== $name (limit ${limit} s) =="
     timeout --signal=INT --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     rc=$?
@@ -49,6 +51,7 @@ else
     echo "== rust_tests skipped: no .gpu/ternary-tests (see the top of this script) =="
 fi
 TAIL=45 stage triton 150 "$PY" benches/bench_triton.py --json "$LOGS/bench_triton.json"
+rm -rf /tmp/gpu_session_run  # a fresh run each time (an existing run folder would need --resume)
 stage train 120 "$PY" -m nanochat.train --preset nano-125m --device cuda:0 --precision fp16 \
     --batch-size 16 --seq-len 2048 --steps 120 --eval-interval 40 --checkpoint-interval 120 \
     --out /tmp/gpu_session_run --no-progress
