@@ -121,6 +121,14 @@ def test_fp16_overflow_skips_and_counts_then_training_continues():
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_bf16_cpu_run_end_to_end(corpus, tmp_path):
+    # what --precision auto picks on CPUs with bf16 matmul (Zen 4, AMX): it must train, and export sees fp32 weights
+    summary = train_mod.train(run_args(corpus, tmp_path / "bf16", "--steps", "6", "--precision", "bf16"))
+    assert summary["precision"] == "bf16" and summary["skipped_steps"] == 0
+    assert all(l == l for l in summary["losses"]) and summary["losses"][-1] < summary["losses"][0]
+    assert all(p.dtype == torch.float32 for p in summary["model"].parameters())
+
+
 def test_fp16_run_end_to_end(corpus, tmp_path):
     summary = train_mod.train(run_args(corpus, tmp_path / "fp16", "--steps", "4", "--precision", "fp16"))
     assert summary["precision"] == "fp16" and all(l == l for l in summary["losses"])

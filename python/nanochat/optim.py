@@ -29,6 +29,10 @@ momentum buffers and the param groups (base_lr included) for checkpoints.
 
 from __future__ import annotations
 
+import platform
+import re
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -41,13 +45,20 @@ NS_STEPS = 5
 
 
 def _cpu_has_bf16_matmul() -> bool:
+    """True when this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86 (oneDNN's own check
+    also says yes for AVX-512 CPUs without them, where bf16 is emulated), BF16 on Arm."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        try:
+            return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+        except OSError:
+            return False
     try:  # a private oneDNN query: absent in some builds, then we assume no
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-# CPUs whose oneDNN has native bf16 matmul run Newton-Schulz in bf16 like CUDA; elsewhere bf16 is emulated (slow)
+# CPUs with native bf16 matmul run Newton-Schulz in bf16 like CUDA (2.5x fp32 there); elsewhere bf16 is emulated (slow)
 CPU_BF16_MATMUL = _cpu_has_bf16_matmul()
 
 

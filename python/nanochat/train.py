@@ -44,6 +44,7 @@ from nanochat.config import PRESETS, ConfigError, ModelConfig, preset  # noqa: E
 from nanochat.corpus import DataError  # noqa: E402
 from nanochat.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed  # noqa: E402
 from nanochat.metrics import MetricsLogger  # noqa: E402
+from nanochat.optim import CPU_BF16_MATMUL  # noqa: E402
 from nanochat.cli_args import non_negative_int, positive_float, positive_int  # noqa: E402
 
 EVALS_PER_RUN = 8  # default eval interval: this many evals over the run (plus the one at step 0)
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     # device and precision
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+                   help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 where "
+                        "it multiplies bf16 in hardware (AVX512-BF16, AMX), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only; ignored on CPU)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: the usable core count)")
     # data and output
@@ -196,7 +198,10 @@ def pick_precision(requested: str, device: str) -> str:
             return "bf16"
         print("precision: fp16 with dynamic loss scaling (GPU lacks bf16)")
         return "fp16"
-    print("precision: fp32 (CPU autocast in half precision is slower than fp32)")
+    if CPU_BF16_MATMUL:  # Zen 4 default job: 870 steps in the time budget vs 665 in fp32, bpb 1.515 vs 1.576
+        print("precision: bf16 (this CPU multiplies bf16 in hardware: ~25-30% faster steps than fp32)")
+        return "bf16"
+    print("precision: fp32 (this CPU has no bf16 matmul: emulated half precision is slower than fp32)")
     return "fp32"
 
 
