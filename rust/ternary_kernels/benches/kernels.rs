@@ -228,6 +228,38 @@ fn main() {
         group.finish();
     }
 
+    // --- thread scaling of the in-cache GEMV without the dispatch: calls issued from inside the pool
+    // (as the engine's decode loop does), so a call from outside pays ~12 us more (pool/dispatch)
+    let mut scaling_lines: Vec<String> = Vec::new();
+    for &(m, k) in &[(2048usize, 2048usize), (4096, 4096), (4096, 11008)] {
+        let x = random_x(1, k);
+        let gops: Vec<f64> = pools
+            .iter()
+            .map(|pool| {
+                let mat = random_matrix(m, k, 128, (m * k) as u64, pool);
+                let reps = (1usize << 27) / (m * k) + 1;
+                let mut fastest = f64::MAX;
+                for _ in 0..7 {
+                    let t0 = Instant::now();
+                    pool.install(|| {
+                        for _ in 0..reps {
+                            black_box(ternary_matmul(&mat, &x, 1, best, pool).expect("gemv"));
+                        }
+                    });
+                    fastest = fastest.min(t0.elapsed().as_secs_f64() / reps as f64);
+                }
+                2.0 * (m * k) as f64 / fastest / 1e9
+            })
+            .collect();
+        let per_pool: Vec<String> =
+            pools.iter().zip(&gops).map(|(pool, g)| format!("t{} {g:.0} GOPS", pool.threads())).collect();
+        scaling_lines.push(format!(
+            "hot GEMV {m}x{k} from inside the pool: {} ({:.2}x)",
+            per_pool.join(", "),
+            gops.last().unwrap_or(&0.0) / gops[0]
+        ));
+    }
+
     // --- every path on one shape per size class (all shapes in full mode), 1 thread, GEMV and GEMM
     {
         let mut group = c.benchmark_group("paths");
@@ -373,7 +405,7 @@ fn main() {
 
     c.final_summary();
     print_summary(&rows);
-    for line in &cold_lines {
+    for line in scaling_lines.iter().chain(&cold_lines) {
         println!("{line}");
     }
 }
