@@ -11,7 +11,8 @@
 # $OUT (the device tool's folder) or runs/gpu_session, packed after every stage into logs.tgz.
 # All stages take ~6-8 minutes on an H200; SKIP="compile rust_bench" leaves stages out (a rerun).
 #
-# The host has no Rust toolchain: build the two Rust binaries here and carry them in .gpu/:
+# The host has no Rust toolchain: build the two Rust binaries here and carry them in .gpu/ (git
+# ignores it; name it in the device call's carry list):
 #   cargo test --release --no-run   -> target/release/deps/_ternary-*  (the unittests one) -> .gpu/ternary-tests
 #   cargo bench --no-run            -> target/release/deps/kernels-*                       -> .gpu/kernels-bench
 set -uo pipefail
