@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from nanochat import optim
 from nanochat.config import ModelConfig
 from nanochat.model import GPT
 from nanochat.optim import (ADAMW_LR, MUON_LR, Muon, build_optimizers, newton_schulz, set_lr, split_params,
@@ -48,9 +49,11 @@ def test_stacked_newton_schulz_equals_one_matrix_at_a_time(shape):
         newton_schulz(torch.zeros(2, 2, 3, 3))
 
 
-def test_muon_step_equals_the_per_parameter_rule():
+@pytest.mark.parametrize("stack_elements", [1 << 28, 1100])  # all three (32, 16) at once; 2 + 1
+def test_muon_step_equals_the_per_parameter_rule(stack_elements, monkeypatch):
     # two shapes, three params of one of them, weight decay, Nesterov, two steps: every param gets
     # lerp momentum -> Nesterov direction -> Newton-Schulz -> decay -> scaled step, as if alone
+    monkeypatch.setattr(optim, "MUON_STACK_ELEMENTS", stack_elements)
     torch.manual_seed(2)
     shapes = [(32, 16), (32, 16), (16, 48), (32, 16)]
     params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]

@@ -42,6 +42,9 @@ MUON_MOMENTUM = 0.95
 ADAMW_BETAS = (0.9, 0.95)
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Keller Jordan)
 NS_STEPS = 5
+# at most this many weights per stacked Newton-Schulz (fp32 stack 1 GiB): all of nano-125m's matrices
+# of one shape go together; medium-3b's 9216 x 3072 ones 9 at a time, which bounds the extra memory
+MUON_STACK_ELEMENTS = 1 << 28
 
 
 def _cpu_has_bf16_matmul() -> bool:
@@ -116,7 +119,9 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
             for params in by_shape.values():
-                self._step_same_shape(params, group)
+                per_stack = max(1, MUON_STACK_ELEMENTS // params[0].numel())
+                for i in range(0, len(params), per_stack):
+                    self._step_same_shape(params[i:i + per_stack], group)
         return loss
 
     def _step_same_shape(self, params: list[torch.Tensor], group: dict) -> None:
