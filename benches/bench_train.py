@@ -34,13 +34,18 @@ from nanochat.optim import build_optimizers  # noqa: E402
 from nanochat.train import accumulate_gradients, autocast_context, device_peak_flops, optimizer_step  # noqa: E402
 
 
+def random_batch(vocab: int, batch_size: int, seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of random token ids [batch_size, seq_len]."""
+    return (torch.randint(0, vocab, (batch_size, seq_len), device=device),
+            torch.randint(0, vocab, (batch_size, seq_len), device=device))
+
+
 def bench(model, optimizers, scaler, device: str, precision: str, batch_size: int, seq_len: int,
           warmup: int, steps: int) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) per optimizer step (means over `steps` after `warmup`)."""
     vocab = model.config.vocab_size
     autocast = autocast_context(device, precision)
-    batches = [(torch.randint(0, vocab, (batch_size, seq_len), device=device),
-                torch.randint(0, vocab, (batch_size, seq_len), device=device)) for _ in range(4)]
+    batches = [random_batch(vocab, batch_size, seq_len, device) for _ in range(4)]
     for i in range(warmup + steps):
         if i == warmup:
             if device.startswith("cuda"):
@@ -82,8 +87,7 @@ def breakdown(model, optimizers, device: str, batch_size: int, seq_len: int, war
     """Print where a CPU fp32 step goes: forward (and within it the two quantizers), backward,
     gradient clipping, each optimizer. Synchronous CPU timing; not meaningful on CUDA."""
     vocab = model.config.vocab_size
-    x = torch.randint(0, vocab, (batch_size, seq_len), device=device)
-    y = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    x, y = random_batch(vocab, batch_size, seq_len, device)
     timer = PartTimer()
     originals = quant.quantize_weight, quant.quantize_activation
     # the model looks these up in quant at every call, so wrapping them times them inside the forward
@@ -129,8 +133,7 @@ def profile_steps(model, optimizers, scaler, device: str, precision: str, batch_
     cuda = device.startswith("cuda")
     vocab = model.config.vocab_size
     autocast = autocast_context(device, precision)
-    batch = (torch.randint(0, vocab, (batch_size, seq_len), device=device),
-             torch.randint(0, vocab, (batch_size, seq_len), device=device))
+    batch = random_batch(vocab, batch_size, seq_len, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
