@@ -137,17 +137,36 @@ impl TernaryActs {
         acts
     }
 
-    /// Whether `isa`'s ternary kernel reads `lanes` for these tokens: the AVX-512 paths do for 2+
-    /// tokens. One token broadcasts from q instead, since the copy costs a GEMV as much as it saves.
+    /// Whether `isa`'s ternary kernel reads `lanes` for these tokens (`lanes_pay_off`).
     pub fn needs_lanes(&self, isa: Isa) -> bool {
-        isa.reads_lanes() && self.tokens >= 2
+        isa.reads_lanes() && lanes_pay_off(self.tokens, self.kp)
     }
+}
+
+/// A register block of tokens loads its activations from lane copies only while those stay in L1
+/// (32 KiB) beside the weights: at most this many bytes of copies (`lane_stride` per token).
+pub const LANES_L1_BYTES: usize = 24 * 1024;
+
+/// Whether a register block of `block_tokens` tokens (2+) of K = kp reads lane copies rather than
+/// broadcasting from q. Copies that spill to L2 delay the weights streaming in from memory: one
+/// thread, weights cold (examples/cold_gemm), copies vs broadcasts: 768 x 2688 at 4-6 tokens
+/// 189-220 -> 261-298 GOPS, 2048 x 2048 at 3-6 tokens 208-237 -> 257-304, 4096 x 4096 194-205 ->
+/// 238-295. Where they fit, copies win by a vector-pipe slot per load: 768 x 768 in cache at 32
+/// tokens 369 vs 335 GOPS, 2688 x 768 at 8 tokens 360 vs 320.
+pub fn block_reads_lanes(block_tokens: usize, kp: usize) -> bool {
+    block_tokens >= 2 && block_tokens * lane_stride(kp) <= LANES_L1_BYTES
+}
+
+/// Whether any register block of a call with `tokens` tokens reads lane copies (blocks hold 2-6).
+pub fn lanes_pay_off(tokens: usize, kp: usize) -> bool {
+    tokens >= 2 && block_reads_lanes(2, kp)
 }
 
 /// Each 16 values of `q` ([tokens][kp], kp a multiple of 16) written 4 times in a row: the 128-bit
 /// group a 512-bit kernel vector multiplies in each of its four lanes. Loading it whole replaces a
 /// broadcast from memory, which on Zen 4 also takes a vector-pipe slot beside every 2 vpdpbusd
-/// (a plain load does not): GEMM at 32 tokens went from ~338 to ~376 GOPS on one thread.
+/// (a plain load does not): GEMM at 32 tokens went from ~338 to ~376 GOPS on one thread, as long
+/// as the copies stay in L1 (`block_reads_lanes`).
 /// Tokens start `lane_stride(kp)` bytes apart. The buffer is this thread's spare when it has one
 /// (see `SPARES`).
 pub fn lane_copies(q: &[i8], kp: usize) -> AlignedBuf {

@@ -143,7 +143,20 @@ mod tests {
     }
 
     fn ternary_case() -> impl Strategy<Value = (TernaryShape, Vec<i8>, Vec<f32>, Vec<f32>, usize)> {
-        (1usize..23, 1usize..700, prop::sample::select(GROUP_SIZES.to_vec()), 1usize..12, any::<u64>()).prop_map(
+        ternary_case_in(1..23, 1..700)
+    }
+
+    /// K up to 3000: blocks of 3+ tokens broadcast their activations instead of reading lane copies
+    /// (act.rs `block_reads_lanes`), and 2-token blocks still read them up to K = 3008.
+    fn wide_ternary_case() -> impl Strategy<Value = (TernaryShape, Vec<i8>, Vec<f32>, Vec<f32>, usize)> {
+        ternary_case_in(1..9, 1000..3000)
+    }
+
+    fn ternary_case_in(
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) -> impl Strategy<Value = (TernaryShape, Vec<i8>, Vec<f32>, Vec<f32>, usize)> {
+        (rows, cols, prop::sample::select(GROUP_SIZES.to_vec()), 1usize..12, any::<u64>()).prop_map(
             |(rows, cols, group_size, tokens, seed)| {
                 let shape = TernaryShape { rows, cols, group_size };
                 let mut rng = seed;
@@ -191,6 +204,17 @@ mod tests {
                     prop_assert_eq!(want[t * shape.rows + row], (acc as f32) / s[t], "row {} token {}", row, t);
                 }
             }
+            for isa in runnable() {
+                let got = ternary_matmul(&m, &x, tokens, isa, &pool).unwrap();
+                prop_assert_eq!(&got, &want, "{} differs from scalar for {:?} x {} tokens", isa.name(), shape, tokens);
+            }
+        }
+
+        #[test]
+        fn wide_ternary_paths_match_scalar((shape, codes, scales, x, tokens) in wide_ternary_case()) {
+            let pool = Pool::new(1, &Topology::detect()).unwrap();
+            let m = PackedTernary::new(&codes, &scales, shape).unwrap();
+            let want = ternary_matmul(&m, &x, tokens, Isa::Scalar, &pool).unwrap();
             for isa in runnable() {
                 let got = ternary_matmul(&m, &x, tokens, isa, &pool).unwrap();
                 prop_assert_eq!(&got, &want, "{} differs from scalar for {:?} x {} tokens", isa.name(), shape, tokens);

@@ -2,9 +2,10 @@
 //!
 //! Ternary: a 64-byte packed vector is 4 rows x 64 weights; `(w >> 2f) & 3` gives field f, whose
 //! 128-bit lane r holds 16 weights of row r (format.rs), all multiplying the same 16 activations in
-//! each of the 4 lanes: loaded whole from their lane copies (act.rs) for 2+ tokens, broadcast from
-//! q for one. Fields are the unsigned code + 1, so u8 x s8 multiplies are exact and
-//! the per-group activation sum is subtracted once per row (sum(c x) = sum((c+1) x) - sum(x)).
+//! each of the 4 lanes: broadcast from q, or for 2+ tokens whose copies fit L1 loaded whole from
+//! their lane copies (act.rs `block_reads_lanes`). Fields are the unsigned code + 1, so u8 x s8
+//! multiplies are exact and the per-group activation sum is subtracted once per row
+//! (sum(c x) = sum((c+1) x) - sum(x)).
 //! Per group the exact i32 lanes are converted to f32 and fused-multiply-added with the row scales;
 //! the 4 lanes of a row are summed at the end of the row. Up to 6 tokens share each decoded
 //! vector (GEMM), so the decode is paid once per weight tile, not once per token; GEMV instead
@@ -35,14 +36,32 @@ const INT8_TOKENS: usize = 4;
 /// least 8 independent `vpdpbusd` chains in flight (its latency is 4-5 cycles, its throughput 1).
 macro_rules! block {
     ($vnni:expr, ($rt:literal, $nt:literal, $par:literal), $($arg:expr),*) => {
-        if $vnni { block_vnni::<$rt, $nt, $par>($($arg),*) } else { block_bw::<$rt, $nt, $par>($($arg),*) }
+        block!($vnni, ($rt, $nt, $par, false), $($arg),*)
+    };
+    ($vnni:expr, ($rt:literal, $nt:literal, $par:literal, $lanes:literal), $($arg:expr),*) => {
+        if $vnni {
+            block_vnni::<$rt, $nt, $par, $lanes>($($arg),*)
+        } else {
+            block_bw::<$rt, $nt, $par, $lanes>($($arg),*)
+        }
+    };
+}
+
+/// Blocks of 2+ tokens, from the lane copies when `lanes`, else by broadcasts.
+macro_rules! multi_block {
+    ($vnni:expr, $lanes:expr, ($rt:literal, $nt:literal, $par:literal), $($arg:expr),*) => {
+        if $lanes { block!($vnni, ($rt, $nt, $par, true), $($arg),*) } else { block!($vnni, ($rt, $nt, $par), $($arg),*) }
     };
 }
 
 /// One-token blocks, which take the GFNI field decode where the CPU has it (see `block_body`).
 macro_rules! gemv_block {
     ($vnni:expr, $gfni:expr, ($rt:literal, $par:literal), $($arg:expr),*) => {
-        if $vnni && $gfni { block_vnni_gfni::<$rt, 1, $par>($($arg),*) } else { block!($vnni, ($rt, 1, $par), $($arg),*) }
+        if $vnni && $gfni {
+            block_vnni_gfni::<$rt, 1, $par>($($arg),*)
+        } else {
+            block!($vnni, ($rt, 1, $par), $($arg),*)
+        }
     };
 }
 
@@ -58,18 +77,17 @@ pub(crate) fn ternary(
     out: &mut [f32],
     ldo: usize,
 ) {
-    // Callers that run this path build the lane copies once per call (`TernaryActs::for_isa`); a
-    // caller that did not (a test, a probe) gets them built here.
+    // Callers that run this path build the lane copies once per call where they pay off
+    // (`TernaryActs::for_isa`); a caller that did not (a test, a probe) gets them built here.
     let built;
     let lanes = match &acts.lanes {
         Some(lanes) => lanes.i8s(),
-        None if acts.tokens >= 2 => {
+        None if crate::act::lanes_pay_off(acts.tokens, acts.kp) => {
             built = crate::act::lane_copies(acts.q.i8s(), acts.kp);
             built.i8s()
         }
         None => &[],
     };
-    assert!(acts.tokens < 2 || !lanes.is_empty(), "blocks of 2+ tokens read the lane copies");
     let k = Ternary::checked(shape, codes, scales, acts, lanes, out, ldo);
     let n_tiles = k.n_tiles;
     // Every tile block passes over all the tokens' lane copies, so take the tokens in batches whose
@@ -107,6 +125,7 @@ unsafe fn tile_block(
     let mut t0 = tokens.start;
     while t0 < tokens.end {
         let nt = (tokens.end - t0).min(TOKEN_BLOCK);
+        let lanes = !k.lanes.is_empty() && crate::act::block_reads_lanes(nt, k.kp);
         // SAFETY: as for this function; each call covers tiles [tile0, tile0 + tiles) and tokens
         // [t0, t0 + nt) only.
         unsafe {
@@ -114,24 +133,24 @@ unsafe fn tile_block(
             match (tiles, nt) {
                 (4, 1) => gemv_block!(vnni, gfni, (4, 2), k, tile0, t0, o, ldo),
                 (4, 2) => {
-                    block!(vnni, (2, 2, 2), k, tile0, t0, o, ldo);
-                    block!(vnni, (2, 2, 2), k, tile0 + 2, t0, o, ldo)
+                    multi_block!(vnni, lanes, (2, 2, 2), k, tile0, t0, o, ldo);
+                    multi_block!(vnni, lanes, (2, 2, 2), k, tile0 + 2, t0, o, ldo)
                 }
                 (4, 3) => {
-                    block!(vnni, (2, 3, 2), k, tile0, t0, o, ldo);
-                    block!(vnni, (2, 3, 2), k, tile0 + 2, t0, o, ldo)
+                    multi_block!(vnni, lanes, (2, 3, 2), k, tile0, t0, o, ldo);
+                    multi_block!(vnni, lanes, (2, 3, 2), k, tile0 + 2, t0, o, ldo)
                 }
                 (4, 4) => {
-                    block!(vnni, (2, 4, 1), k, tile0, t0, o, ldo);
-                    block!(vnni, (2, 4, 1), k, tile0 + 2, t0, o, ldo)
+                    multi_block!(vnni, lanes, (2, 4, 1), k, tile0, t0, o, ldo);
+                    multi_block!(vnni, lanes, (2, 4, 1), k, tile0 + 2, t0, o, ldo)
                 }
                 (4, 5) => {
-                    block!(vnni, (2, 5, 1), k, tile0, t0, o, ldo);
-                    block!(vnni, (2, 5, 1), k, tile0 + 2, t0, o, ldo)
+                    multi_block!(vnni, lanes, (2, 5, 1), k, tile0, t0, o, ldo);
+                    multi_block!(vnni, lanes, (2, 5, 1), k, tile0 + 2, t0, o, ldo)
                 }
                 (4, 6) => {
-                    block!(vnni, (2, 6, 1), k, tile0, t0, o, ldo);
-                    block!(vnni, (2, 6, 1), k, tile0 + 2, t0, o, ldo)
+                    multi_block!(vnni, lanes, (2, 6, 1), k, tile0, t0, o, ldo);
+                    multi_block!(vnni, lanes, (2, 6, 1), k, tile0 + 2, t0, o, ldo)
                 }
                 (_, 1) => {
                     for t in tile0..tile0 + tiles {
@@ -140,27 +159,27 @@ unsafe fn tile_block(
                 }
                 (_, 2) => {
                     for t in tile0..tile0 + tiles {
-                        block!(vnni, (1, 2, 4), k, t, t0, o, ldo)
+                        multi_block!(vnni, lanes, (1, 2, 4), k, t, t0, o, ldo)
                     }
                 }
                 (_, 3) => {
                     for t in tile0..tile0 + tiles {
-                        block!(vnni, (1, 3, 2), k, t, t0, o, ldo)
+                        multi_block!(vnni, lanes, (1, 3, 2), k, t, t0, o, ldo)
                     }
                 }
                 (_, 4) => {
                     for t in tile0..tile0 + tiles {
-                        block!(vnni, (1, 4, 2), k, t, t0, o, ldo)
+                        multi_block!(vnni, lanes, (1, 4, 2), k, t, t0, o, ldo)
                     }
                 }
                 (_, 5) => {
                     for t in tile0..tile0 + tiles {
-                        block!(vnni, (1, 5, 2), k, t, t0, o, ldo)
+                        multi_block!(vnni, lanes, (1, 5, 2), k, t, t0, o, ldo)
                     }
                 }
                 _ => {
                     for t in tile0..tile0 + tiles {
-                        block!(vnni, (1, 6, 1), k, t, t0, o, ldo)
+                        multi_block!(vnni, lanes, (1, 6, 1), k, t, t0, o, ldo)
                     }
                 }
             }
@@ -184,14 +203,14 @@ pub(crate) unsafe fn fill_lane_copies(q: &[i8], kp: usize, lanes: &mut AlignedBu
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn block_vnni<const RT: usize, const NT: usize, const PAR: usize>(
+unsafe fn block_vnni<const RT: usize, const NT: usize, const PAR: usize, const LANES: bool>(
     k: &Ternary,
     tile: usize,
     t0: usize,
     out: &mut [f32],
     ldo: usize,
 ) {
-    block_body::<RT, NT, PAR, true, false>(k, tile, t0, out, ldo)
+    block_body::<RT, NT, PAR, true, false, LANES>(k, tile, t0, out, ldo)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
@@ -202,18 +221,18 @@ unsafe fn block_vnni_gfni<const RT: usize, const NT: usize, const PAR: usize>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    block_body::<RT, NT, PAR, true, true>(k, tile, t0, out, ldo)
+    block_body::<RT, NT, PAR, true, true, false>(k, tile, t0, out, ldo)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn block_bw<const RT: usize, const NT: usize, const PAR: usize>(
+unsafe fn block_bw<const RT: usize, const NT: usize, const PAR: usize, const LANES: bool>(
     k: &Ternary,
     tile: usize,
     t0: usize,
     out: &mut [f32],
     ldo: usize,
 ) {
-    block_body::<RT, NT, PAR, false, false>(k, tile, t0, out, ldo)
+    block_body::<RT, NT, PAR, false, false, LANES>(k, tile, t0, out, ldo)
 }
 
 /// Tiles tile..tile+RT for tokens t0..t0+NT; field f accumulates into chain f % PAR.
@@ -224,7 +243,14 @@ unsafe fn block_bw<const RT: usize, const NT: usize, const PAR: usize>(
 /// while the two zmm ops per cycle in all are its limit: 768 x 768 GEMV, kernel alone, 235 -> 254
 /// GOPS (one field by GFNI: 251; three: 233). The GEMM is bound by `vpdpbusd` and keeps the shifts.
 #[inline(always)]
-unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const VNNI: bool, const GFNI: bool>(
+unsafe fn block_body<
+    const RT: usize,
+    const NT: usize,
+    const PAR: usize,
+    const VNNI: bool,
+    const GFNI: bool,
+    const LANES: bool,
+>(
     k: &Ternary,
     tile: usize,
     t0: usize,
@@ -241,7 +267,7 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
     let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
     let q = k.q.as_ptr().add(t0 * k.kp);
     let stride = lane_stride(k.kp);
-    let lanes = k.lanes.as_ptr().wrapping_add(t0 * stride); // only read when NT >= 2
+    let lanes = k.lanes.as_ptr().wrapping_add(t0 * stride); // only read when LANES
     let mut facc = [[_mm512_setzero_ps(); NT]; RT];
     let ahead = prefetch_distance(RT * k.tile_bytes); // the same vector of a later block of RT tiles
                                                       // the scales are a stream of their own: the same group of the tile `ahead` bytes of codes later
@@ -281,13 +307,14 @@ unsafe fn block_body<const RT: usize, const NT: usize, const PAR: usize, const V
                 ];
                 for (f, d) in fields.into_iter().enumerate() {
                     for t in 0..NT {
-                        // The 16 activations of field f in each of the 4 row lanes: one load of
-                        // their lane copies (act.rs), or for one token a broadcast of q.
-                        let x = if NT == 1 {
-                            _mm512_broadcast_i32x4(_mm_loadu_si128(q.add(v * 64 + f * 16) as *const __m128i))
-                        } else {
+                        // The 16 activations of field f in each of the 4 row lanes: a broadcast of
+                        // q, or one load of their lane copies (act.rs).
+                        let x = if LANES {
                             let xp = lanes.add(t * stride + (v * 64 + f * 16) * LANE_COPIES);
                             _mm512_load_si512(xp as *const __m512i)
+                        } else {
+                            let xq = q.add(t * k.kp + v * 64 + f * 16);
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(xq as *const __m128i))
                         };
                         let a = &mut acc[r][t][f % PAR];
                         *a = if VNNI {
