@@ -13,6 +13,7 @@ pub mod aligned;
 pub mod decode;
 pub mod error;
 pub mod format;
+pub mod gang;
 pub mod kernels;
 pub mod layer_ops;
 pub mod matmul;

@@ -4,14 +4,21 @@
 //!   to one CPU (sched_setaffinity); nodes take turns (topology.rs) so threads spread evenly.
 //! - Placement: `place` packs a matrix as one part per node in use, each part created (first-touched)
 //!   by a thread of that node; `run` then gives each node's part to that node's threads.
-//! - Small jobs (few multiply-adds) run on the calling thread: waking workers costs microseconds,
-//!   and the engine calls 768x768 GEMVs about a hundred times per token.
+//! - The threads are a `Gang` (gang.rs): on a one-node machine the caller computes thread 0's share
+//!   itself and the others are pinned workers that spin between calls; with several nodes every
+//!   share runs on a pinned worker of its node (the caller may sit on any node).
+//! - Small jobs (few multiply-adds) run on the calling thread: even a spinning worker costs a
+//!   cache-line round trip, and the engine calls 768x768 GEMVs about a hundred times per token.
 
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
+use crate::gang::Gang;
 use crate::matmul::WorkItem;
 use crate::topology::Topology;
+
+/// What `Pool::run` returns: each work item with its output block.
+pub type Pieces = Vec<(WorkItem, Vec<f32>)>;
 
 /// Below this many multiply-adds per call, one thread does the whole job.
 pub const PARALLEL_MIN_WORK: usize = 1 << 22;
@@ -22,7 +29,7 @@ pub struct Pool {
     thread_node: Vec<usize>,
     /// Distinct nodes in use, in first-use order; parts of a placed matrix follow this order.
     nodes_in_use: Vec<usize>,
-    workers: Option<rayon::ThreadPool>,
+    workers: Option<Gang>,
 }
 
 /// Pin the calling thread to `cpu`; failure (e.g. a restricted container) only costs locality.
@@ -71,13 +78,9 @@ impl Pool {
         }
         let workers = if threads > 1 {
             let cpus: Vec<usize> = assignment.iter().map(|&(cpu, _)| cpu).collect();
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("nanochat-ternary-{i}"))
-                .start_handler(move |i| pin_to_cpu(cpus[i]))
-                .build()
+            let gang = Gang::new(threads, nodes_in_use.len() == 1, move |share| pin_to_cpu(cpus[share]))
                 .map_err(|e| Error::Threads(format!("cannot start {threads} threads: {e}")))?;
-            Some(pool)
+            Some(gang)
         } else {
             None
         };
@@ -102,17 +105,6 @@ impl Pool {
         split_weighted(tiles, &weights)
     }
 
-    /// Run `f` on one of the pool's threads (inline without workers). Calls to `run` from inside
-    /// then start without waking a sleeping caller after every call: from outside, the caller sleeps
-    /// on a latch per call and is woken when the workers finish (~10-20 us on this VM, 10% of a cold
-    /// 4096x4096 GEMV). A decode loop that issues many calls should run them in here.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.workers {
-            Some(workers) => workers.install(f),
-            None => f(),
-        }
-    }
-
     /// Build one part per node in use, each inside a thread of its node (so its pages live there).
     pub fn place<P: Send>(&self, tiles: usize, build: impl Fn(std::ops::Range<usize>) -> P + Sync) -> Vec<P> {
         let ranges = self.part_ranges(tiles);
@@ -122,9 +114,9 @@ impl Pool {
             _ => return ranges.into_iter().map(&build).collect(),
         };
         let slots: Vec<Mutex<Option<P>>> = ranges.iter().map(|_| Mutex::new(None)).collect();
-        workers.broadcast(|ctx| {
-            let node = self.thread_node[ctx.index()];
-            let first_of_node = self.thread_node.iter().position(|n| *n == node) == Some(ctx.index());
+        workers.run(&|thread| {
+            let node = self.thread_node[thread];
+            let first_of_node = self.thread_node.iter().position(|n| *n == node) == Some(thread);
             if let (true, Some(slot)) = (first_of_node, self.nodes_in_use.iter().position(|n| *n == node)) {
                 let part = build(ranges[slot].clone());
                 if let Ok(mut s) = slots[slot].lock() {
@@ -174,7 +166,7 @@ impl Pool {
 
     /// Run `f` on every work item of a matrix with `part_tiles` tiles per part; returns (item, output).
     /// `work` is the job's multiply-add count: small jobs run inline on the calling thread.
-    pub fn run<F>(&self, part_tiles: &[usize], work: usize, f: F) -> Vec<(WorkItem, Vec<f32>)>
+    pub fn run<F>(&self, part_tiles: &[usize], work: usize, f: F) -> Pieces
     where
         F: Fn(&WorkItem) -> Vec<f32> + Sync,
     {
@@ -194,9 +186,14 @@ impl Pool {
             return whole();
         }
         let plan = self.plan(part_tiles);
-        let per_thread =
-            workers.broadcast(|ctx| plan[ctx.index()].iter().map(|item| (item.clone(), f(item))).collect::<Vec<_>>());
-        per_thread.into_iter().flatten().collect()
+        let slots: Vec<Mutex<Pieces>> = plan.iter().map(|_| Mutex::new(Vec::new())).collect();
+        workers.run(&|thread| {
+            let pieces = plan[thread].iter().map(|item| (item.clone(), f(item))).collect();
+            if let Ok(mut slot) = slots[thread].lock() {
+                *slot = pieces;
+            }
+        });
+        slots.into_iter().flat_map(|slot| slot.into_inner().unwrap_or_default()).collect()
     }
 }
 

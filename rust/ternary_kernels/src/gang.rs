@@ -1,0 +1,297 @@
+//! A gang of pinned worker threads that run one job at a time, all of them together: the small pool
+//! behind `Pool` (pool.rs decides who computes what; this only starts and joins).
+//!
+//! - A job is a function of the share index. Each worker runs one share; on a one-node machine the
+//!   caller runs share 0 itself (`caller_share`), elsewhere every share runs on a pinned worker.
+//! - Between jobs a worker spins for `SPIN_WINDOW` before it parks, and the caller spins until the
+//!   workers are done. Back-to-back calls therefore start and finish without a single wake-up, where
+//!   rayon's (a sleeping worker woken, then a sleeping caller woken) cost ~12-13 us a call on a
+//!   2-vCPU VM and 12-20 us on a 16-vCPU Xeon: more than a 2048 x 2048 GEMV computes on 2 threads.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker polls for the next job before it parks (then a job costs a wake-up).
+/// A decode loop or a benchmark issues its calls microseconds apart; a server between requests
+/// parks after this.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+
+/// Spins of the waiting caller between yields of its core (a worker on the same core may need it).
+const CALLER_SPINS_PER_YIELD: u32 = 1 << 12;
+
+type Job = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// The running job; `Some` only between `run`'s epoch bump and its wait for `pending == 0`.
+    job: Mutex<Option<&'static Job>>,
+    /// Bumped once per job: a worker that sees a new value runs the job.
+    epoch: AtomicUsize,
+    /// Workers that have not finished the current job.
+    pending: AtomicUsize,
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    /// Workers asleep in `wake` (under this lock, so a job is never announced to a sleeper unheard).
+    parked: Mutex<usize>,
+    wake: Condvar,
+}
+
+thread_local! {
+    /// Set while this thread runs a share of some gang's job: a nested `run` then runs inline.
+    static IN_JOB: Cell<bool> = const { Cell::new(false) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub struct Gang {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    caller_share: bool,
+    /// One job at a time (callers on several threads queue here).
+    dispatch: Mutex<()>,
+}
+
+impl Gang {
+    /// A gang for `shares` shares: with `caller_share`, workers for shares 1.. pinned by `pin(share)`
+    /// and share 0 on the caller; without, a worker for every share.
+    pub fn new(
+        shares: usize,
+        caller_share: bool,
+        pin: impl Fn(usize) + Send + Sync + 'static,
+    ) -> std::io::Result<Gang> {
+        let shared = Arc::new(Shared {
+            job: Mutex::new(None),
+            epoch: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            parked: Mutex::new(0),
+            wake: Condvar::new(),
+        });
+        let pin = Arc::new(pin);
+        let first = usize::from(caller_share);
+        let mut workers = Vec::with_capacity(shares.saturating_sub(first));
+        for share in first..shares {
+            let (for_worker, pin) = (shared.clone(), pin.clone());
+            let handle = std::thread::Builder::new().name(format!("nanochat-ternary-{share}")).spawn(move || {
+                pin(share);
+                work(&for_worker, share)
+            });
+            match handle {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    Gang::stop(&shared, workers);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Gang { shared, workers, caller_share, dispatch: Mutex::new(()) })
+    }
+
+    /// Run `job(share)` for every share, each on its own thread; returns when all have finished.
+    /// A panic in any share is re-raised here, after every share has finished.
+    pub fn run(&self, job: &(dyn Fn(usize) + Sync)) {
+        let shares = self.workers.len() + usize::from(self.caller_share);
+        if self.workers.is_empty() || IN_JOB.with(Cell::get) {
+            (0..shares).for_each(job);
+            return;
+        }
+        let _one_job_at_a_time = lock(&self.dispatch);
+        let shared = &*self.shared;
+        // SAFETY: only the lifetime is erased. Workers use the reference between the epoch bump
+        // below and their `pending` decrement; `Join`'s drop (which also runs if the caller's share
+        // unwinds) waits for `pending == 0` and clears the slot before `run` returns, so no use
+        // outlives `job`.
+        let erased = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(job) };
+        *lock(&shared.job) = Some(erased);
+        shared.pending.store(self.workers.len(), Ordering::Release);
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        if *lock(&shared.parked) > 0 {
+            shared.wake.notify_all();
+        }
+        let join = Join(shared);
+        if self.caller_share {
+            run_share(job, 0, shared);
+        }
+        drop(join);
+        if shared.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a ternary kernel thread panicked (see its message above)");
+        }
+    }
+
+    fn stop(shared: &Shared, workers: Vec<JoinHandle<()>>) {
+        shared.shutdown.store(true, Ordering::Release);
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        drop(lock(&shared.parked));
+        shared.wake.notify_all();
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Gang {
+    fn drop(&mut self) {
+        Gang::stop(&self.shared, std::mem::take(&mut self.workers));
+    }
+}
+
+/// Waits for the workers' shares of the current job, then clears it (on return and on unwind).
+struct Join<'a>(&'a Shared);
+
+impl Drop for Join<'_> {
+    fn drop(&mut self) {
+        let mut spins = 0u32;
+        while self.0.pending.load(Ordering::Acquire) > 0 {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(CALLER_SPINS_PER_YIELD) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        *lock(&self.0.job) = None;
+    }
+}
+
+fn run_share(job: &(dyn Fn(usize) + Sync + '_), share: usize, shared: &Shared) {
+    IN_JOB.with(|f| f.set(true));
+    if catch_unwind(AssertUnwindSafe(|| job(share))).is_err() {
+        shared.panicked.store(true, Ordering::Release);
+    }
+    IN_JOB.with(|f| f.set(false));
+}
+
+/// A worker: wait for each new epoch, run its share, report it done.
+fn work(shared: &Shared, share: usize) {
+    let mut seen = 0;
+    loop {
+        seen = next_epoch(shared, seen);
+        if shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(job) = *lock(&shared.job) {
+            run_share(job, share, shared);
+        }
+        shared.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The first epoch after `seen`: polled for SPIN_WINDOW, then waited for asleep.
+fn next_epoch(shared: &Shared, seen: usize) -> usize {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        if epoch != seen {
+            return epoch;
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) && start.elapsed() > SPIN_WINDOW {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    let mut parked = lock(&shared.parked);
+    *parked += 1;
+    loop {
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        if epoch != seen {
+            *parked -= 1;
+            return epoch;
+        }
+        parked = shared.wake.wait(parked).unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_share_runs_once_per_job() {
+        for caller_share in [true, false] {
+            let gang = Gang::new(3, caller_share, |_| {}).unwrap();
+            let counts: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+            for _ in 0..1000 {
+                gang.run(&|share| {
+                    counts[share].fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1000), "caller_share {caller_share}");
+        }
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let gang = Gang::new(2, true, |_| {}).unwrap();
+        let sum = AtomicU64::new(0);
+        gang.run(&|share| {
+            sum.fetch_add(share as u64 + 1, Ordering::Relaxed);
+        });
+        std::thread::sleep(SPIN_WINDOW * 5); // the worker parks
+        gang.run(&|share| {
+            sum.fetch_add(share as u64 + 1, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn a_panicking_share_is_reraised_after_all_finish() {
+        let gang = Gang::new(2, true, |_| {}).unwrap();
+        let finished = AtomicU64::new(0);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            gang.run(&|share| {
+                if share == 1 {
+                    panic!("share 1 fails");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                finished.fetch_add(1, Ordering::Relaxed);
+            })
+        }));
+        assert!(result.is_err());
+        assert_eq!(finished.load(Ordering::Relaxed), 1);
+        // the gang still works afterwards
+        let ran = AtomicU64::new(0);
+        gang.run(&|_| {
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_nested_run_runs_inline() {
+        let gang = Gang::new(2, true, |_| {}).unwrap();
+        let inner = AtomicU64::new(0);
+        gang.run(&|_| {
+            gang.run(&|_| {
+                inner.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(inner.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn callers_on_several_threads_take_turns() {
+        let gang = Gang::new(2, true, |_| {}).unwrap();
+        let total = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        gang.run(&|_| {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 200 * 2);
+    }
+}
