@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 ternary = pytest.importorskip("nanochat.ternary", reason="build the extension: maturin develop --release")
-from nanochat.ternary import Int8Matrix, TernaryMatrix, active_isa, num_threads, quantize_activations, set_num_threads  # noqa: E402
+from nanochat.ternary import (Int8Matrix, TernaryMatrix, active_isa, num_threads, quantize_activations,  # noqa: E402
+                              set_num_threads, share_weight_pages)
 
 RNG = np.random.default_rng(1234)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +175,27 @@ def test_int8_from_q_and_scales():
     xq, s = np_quantize(x)
     ref = (q.astype(np.float64) @ xq[0].astype(np.float64)) * scales / s[0]
     assert_close(m.gemv(x), ref, "int8 gemv")
+
+
+def test_shared_weight_pages_keep_every_matrix_and_result():
+    mats, xs = [], []
+    for m, k in [(300, 200), (8, 1000), (64, 64)]:
+        codes, scales = random_ternary(m, k, 64)
+        mats.append(TernaryMatrix(codes, scales, 64))
+        xs.append(RNG.standard_normal((3, k)).astype(np.float32))
+    mats.insert(1, Int8Matrix.from_f32(RNG.standard_normal((50, 200)).astype(np.float32)))
+    xs.insert(1, RNG.standard_normal((3, 200)).astype(np.float32))
+    shared = share_weight_pages(mats)
+    assert [type(m) for m in shared] == [type(m) for m in mats]
+    for old, new, x in zip(mats, shared, xs):
+        assert new is not old
+        for a, b in zip(old.unpack(), new.unpack()):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(new.gemm(x), old.gemm(x))
+        np.testing.assert_array_equal(new.gemv(x[0]), old.gemv(x[0]))
+    assert share_weight_pages([]) == []
+    with pytest.raises(TypeError, match="item 1: expected a TernaryMatrix or an Int8Matrix, got ndarray"):
+        share_weight_pages([mats[0], np.zeros(3)])
 
 
 # ---------------------------------------------------------------------------------------------

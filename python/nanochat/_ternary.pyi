@@ -80,6 +80,11 @@ def set_num_threads(n: int) -> None:
 def num_threads() -> int:
     """Threads in use (NANOCHAT_THREADS or every online CPU unless set)."""
 
+def share_weight_pages(matrices: list[TernaryMatrix | Int8Matrix]) -> list[TernaryMatrix | Int8Matrix]:
+    """The same matrices (any order, returned in that order) as new objects whose weights share mappings
+    advised for transparent huge pages: fewer TLB misses when a decode step streams them all. Results are
+    unchanged. TypeError for anything else in the list; MemoryError if the mapping fails."""
+
 def rms_norm(x: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], eps: float) -> npt.NDArray[np.float32]:
     """RMSNorm over the last dim: x * (1 / sqrt(mean(x^2) + eps)) * weight; float32 x [..., D], weight [D]."""
 

@@ -26,6 +26,7 @@ from nanochat._ternary import (
     rms_norm,
     rope_rows,
     set_num_threads,
+    share_weight_pages,
     silu_mul,
 )
 
@@ -44,5 +45,6 @@ __all__ = [
     "rms_norm",
     "rope_rows",
     "set_num_threads",
+    "share_weight_pages",
     "silu_mul",
 ]

@@ -168,7 +168,7 @@ def limit_numpy_blas_threads(n: int) -> bool:
 
 NUMPY_BACKEND = (NumpyTernaryMatrix, NumpyInt8Matrix, lambda n: None, numpy_rms_norm, numpy_silu_mul,
                  numpy_attend_decode, numpy_mhc_read, numpy_mhc_write, numpy_rope_rows, numpy_causal_softmax, None, None,
-                 None, "numpy")
+                 None, lambda matrices: list(matrices), "numpy")
 
 
 def _load_backend():
@@ -185,10 +185,10 @@ def _load_backend():
     log.info("engine kernels: Rust extension, isa %s", ternary.active_isa())
     return (ternary.TernaryMatrix, ternary.Int8Matrix, ternary.set_num_threads, rust.rms_norm, rust.silu_mul,
             rust.attend_decode, rust.mhc_read, rust.mhc_write, rust.rope_rows, rust.causal_softmax, rust.DecodeLayer,
-            rust.DecodeModel, rust.attend_prefill,
+            rust.DecodeModel, rust.attend_prefill, rust.share_weight_pages,
             f"rust-{ternary.active_isa()}")
 
 
 # the fused float ops come from the same backend as the matrices (prefill and decode share their arithmetic)
 (TernaryMatrix, Int8Matrix, set_num_threads, rms_norm, silu_mul, attend_decode, mhc_read, mhc_write, rope_rows,
- causal_softmax, DecodeLayer, DecodeModel, attend_prefill, BACKEND) = _load_backend()
+ causal_softmax, DecodeLayer, DecodeModel, attend_prefill, share_weight_pages, BACKEND) = _load_backend()

@@ -228,5 +228,21 @@ def load(path: str | Path, mhc_path: str | Path | None = None) -> tuple[ModelCon
     head_w = emb.table() if cfg.tie_embeddings else dequantized(f, fmt.OUTPUT)
     if not np.isfinite(head_w).all():
         raise ModelFileError(f"{f.path}: output head / embedding holds non-finite values")
-    weights = Weights(emb, layers, finite(f, fmt.OUTPUT_NORM), kernels.Int8Matrix.from_f32(np.ascontiguousarray(head_w)))
+    head = kernels.Int8Matrix.from_f32(np.ascontiguousarray(head_w))
+    head = share_pages(layers, head)
+    weights = Weights(emb, layers, finite(f, fmt.OUTPUT_NORM), head)
     return cfg, weights, tokenizer, control_ids
+
+
+MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+def share_pages(layers: list[LayerWeights], head):
+    """Move every layer matrix and the head into shared huge-page mappings (kernels.share_weight_pages), in
+    place in `layers`; returns the new head. A decode step streams all of them, and on 4 KiB pages their
+    ~12,000 pages miss the TLB on every step."""
+    mats = kernels.share_weight_pages([getattr(lw, name) for lw in layers for name in MATRICES] + [head])
+    for i, lw in enumerate(layers):
+        for j, name in enumerate(MATRICES):
+            setattr(lw, name, mats[i * len(MATRICES) + j])
+    return mats[-1]

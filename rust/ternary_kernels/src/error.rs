@@ -15,6 +15,8 @@ pub enum Error {
     Isa(String),
     /// The thread pool or the CPU topology could not be set up.
     Threads(String),
+    /// Memory for the weights could not be mapped.
+    Memory(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -30,6 +32,7 @@ impl fmt::Display for Error {
             Error::Invalid { arg, msg } | Error::WrongType { arg, msg } => write!(f, "{arg}: {msg}"),
             Error::Isa(msg) => write!(f, "kernel path: {msg}"),
             Error::Threads(msg) => write!(f, "threads: {msg}"),
+            Error::Memory(msg) => write!(f, "memory: {msg}"),
         }
     }
 }
@@ -39,12 +42,13 @@ impl std::error::Error for Error {}
 #[cfg(feature = "python")]
 impl From<Error> for pyo3::PyErr {
     fn from(e: Error) -> Self {
-        use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+        use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
         let text = e.to_string();
         match e {
             Error::Invalid { .. } => PyValueError::new_err(text),
             Error::WrongType { .. } => PyTypeError::new_err(text),
             Error::Isa(_) | Error::Threads(_) => PyRuntimeError::new_err(text),
+            Error::Memory(_) => PyMemoryError::new_err(text),
         }
     }
 }

@@ -28,6 +28,6 @@ mod py;
 pub use error::{Error, Result};
 pub use format::TernaryShape;
 pub use kernels::{active_isa, best_isa, Isa};
-pub use matmul::{int8_matmul, place_int8, place_ternary, ternary_matmul};
+pub use matmul::{int8_matmul, place_int8, place_ternary, share_weight_pages, ternary_matmul};
 pub use pack::{Int8Shape, PackedInt8, PackedTernary};
 pub use pool::Pool;

@@ -6,10 +6,11 @@
 use std::ops::Range;
 
 use crate::act::{Int8Acts, TernaryActs};
-use crate::error::{invalid, Result};
+use crate::aligned::{share_pages, AlignedBuf};
+use crate::error::{invalid, Error, Result};
 use crate::format::ROWS_PER_TILE;
 use crate::kernels::{self, Isa};
-use crate::pack::{PackedInt8, PackedTernary};
+use crate::pack::{Int8Part, PackedInt8, PackedTernary, TernaryPart};
 use crate::pool::Pool;
 
 /// A contiguous range of tiles inside part `part`.
@@ -113,6 +114,59 @@ pub fn place_int8(q: &[i8], scales: &[f32], shape: crate::pack::Int8Shape, pool:
     crate::pack::validate_int8(q, scales, shape)?;
     let parts = pool.place(shape.tiles(), |tiles| crate::pack::Int8Part::pack(q, scales, shape, tiles));
     Ok(PackedInt8 { shape, parts })
+}
+
+/// The same matrices with all their weights moved into shared mappings advised for huge pages
+/// (aligned.rs `share_pages`): one mapping per node part, filled on a thread of that node. A model
+/// calls this once after loading; results are unchanged, only the TLB reach grows.
+pub fn share_weight_pages(
+    ternary: &[&PackedTernary],
+    int8: &[&PackedInt8],
+    pool: &Pool,
+) -> Result<(Vec<PackedTernary>, Vec<PackedInt8>)> {
+    let parts = ternary.iter().map(|m| m.parts.len()).chain(int8.iter().map(|m| m.parts.len())).max().unwrap_or(0);
+    let by_node = parts == pool.nodes()
+        && ternary.iter().all(|m| m.parts.len() == parts)
+        && int8.iter().all(|m| m.parts.len() == parts);
+    // every buffer of part `slot`, ternary (codes, scales) then int8 (q, scales), in matrix order
+    let buffers_of = |slot: usize| -> Vec<&AlignedBuf> {
+        let t = ternary.iter().filter_map(|m| m.parts.get(slot)).flat_map(|p| [&p.codes, &p.scales]);
+        t.chain(int8.iter().filter_map(|m| m.parts.get(slot)).flat_map(|p| [&p.q, &p.scales])).collect()
+    };
+    let share = |slot: usize| share_pages(&buffers_of(slot));
+    let shared: Vec<std::io::Result<Vec<AlignedBuf>>> =
+        if by_node { pool.on_nodes(share) } else { (0..parts).map(share).collect() };
+    let mut shared: Vec<std::vec::IntoIter<AlignedBuf>> = shared
+        .into_iter()
+        .map(|r| r.map(Vec::into_iter))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::Memory(format!("cannot map {parts} part(s) of weights: {e}")))?;
+    let mut next = |slot: usize| shared[slot].next().expect("one shared buffer per original");
+    let ternary = ternary
+        .iter()
+        .map(|m| {
+            let parts = (0..m.parts.len())
+                .map(|slot| {
+                    let p = &m.parts[slot];
+                    TernaryPart { first_tile: p.first_tile, tiles: p.tiles, codes: next(slot), scales: next(slot) }
+                })
+                .collect();
+            PackedTernary { shape: m.shape, parts }
+        })
+        .collect::<Vec<_>>();
+    let int8 = int8
+        .iter()
+        .map(|m| {
+            let parts = (0..m.parts.len())
+                .map(|slot| {
+                    let p = &m.parts[slot];
+                    Int8Part { first_tile: p.first_tile, tiles: p.tiles, q: next(slot), scales: next(slot) }
+                })
+                .collect();
+            PackedInt8 { shape: m.shape, parts }
+        })
+        .collect();
+    Ok((ternary, int8))
 }
 
 #[cfg(test)]
@@ -297,6 +351,36 @@ mod tests {
         assert_eq!(gather(pieces, &firsts, 2, shape.rows), want);
         // And the public entry point with the real threshold.
         assert_eq!(ternary_matmul(&placed, &x, 2, isa, &pool).unwrap(), want);
+    }
+
+    #[test]
+    fn shared_weight_pages_keep_parts_and_results() {
+        let shape = TernaryShape { rows: 203, cols: 300, group_size: 64 };
+        let codes: Vec<i8> = (0..shape.rows * shape.cols).map(|i| ((i * 13) % 3) as i8 - 1).collect();
+        let scales: Vec<f32> = (0..shape.rows * shape.groups()).map(|i| 0.5 + (i % 5) as f32).collect();
+        let w: Vec<f32> = (0..70 * 300).map(|i| ((i * 29) % 255) as f32 - 127.0).collect();
+        let (q, qs) = PackedInt8::quantize_f32(&w, 70, 300).unwrap();
+        let x: Vec<f32> = (0..3 * shape.cols).map(|i| ((i * 17) % 100) as f32 / 50.0 - 1.0).collect();
+        let isa = crate::kernels::best_isa();
+        // one node (parts shared on the caller) and a fabricated two-node machine (one mapping per node)
+        let two = Topology { nodes: vec![Node { id: 0, cpus: vec![0] }, Node { id: 1, cpus: vec![1] }] };
+        for pool in [Pool::new(1, &Topology::detect()).unwrap(), Pool::new(3, &two).unwrap()] {
+            let t = place_ternary(&codes, &scales, shape, &pool).unwrap();
+            let i8m = place_int8(&q, &qs, Int8Shape { rows: 70, cols: 300 }, &pool).unwrap();
+            let (ts, is) = share_weight_pages(&[&t, &t], &[&i8m], &pool).unwrap();
+            assert_eq!((ts.len(), is.len()), (2, 1));
+            for shared in &ts {
+                assert_eq!(shared.parts.len(), pool.nodes());
+                assert!(shared.parts.iter().all(|p| p.codes.is_shared() && p.scales.is_shared()));
+                assert_eq!(shared.unpack(), (codes.clone(), scales.clone()));
+                assert_eq!(
+                    ternary_matmul(shared, &x, 3, isa, &pool).unwrap(),
+                    ternary_matmul(&t, &x, 3, isa, &pool).unwrap()
+                );
+            }
+            assert_eq!(is[0].unpack(), (q.clone(), qs.clone()));
+            assert_eq!(int8_matmul(&is[0], &x, 3, isa, &pool).unwrap(), int8_matmul(&i8m, &x, 3, isa, &pool).unwrap());
+        }
     }
 
     #[test]

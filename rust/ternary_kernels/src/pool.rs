@@ -108,29 +108,40 @@ impl Pool {
     /// Build one part per node in use, each inside a thread of its node (so its pages live there).
     pub fn place<P: Send>(&self, tiles: usize, build: impl Fn(std::ops::Range<usize>) -> P + Sync) -> Vec<P> {
         let ranges = self.part_ranges(tiles);
+        self.on_nodes(|slot| build(ranges[slot].clone()))
+    }
+
+    /// `f(slot)` for each node in use (in `nodes_in_use` order), run on a thread of that node so that
+    /// what it allocates and first touches lives there; on one node, on the caller.
+    pub fn on_nodes<P: Send>(&self, f: impl Fn(usize) -> P + Sync) -> Vec<P> {
+        let slots = self.nodes_in_use.len();
         let workers = match &self.workers {
-            Some(workers) if self.nodes_in_use.len() > 1 => workers,
+            Some(workers) if slots > 1 => workers,
             // One node: wherever the caller runs, the pages land on the only node.
-            _ => return ranges.into_iter().map(&build).collect(),
+            _ => return (0..slots).map(&f).collect(),
         };
-        let slots: Vec<Mutex<Option<P>>> = ranges.iter().map(|_| Mutex::new(None)).collect();
+        let results: Vec<Mutex<Option<P>>> = (0..slots).map(|_| Mutex::new(None)).collect();
         workers.run(&|thread| {
             let node = self.thread_node[thread];
             let first_of_node = self.thread_node.iter().position(|n| *n == node) == Some(thread);
             if let (true, Some(slot)) = (first_of_node, self.nodes_in_use.iter().position(|n| *n == node)) {
-                let part = build(ranges[slot].clone());
-                if let Ok(mut s) = slots[slot].lock() {
-                    *s = Some(part);
+                let out = f(slot);
+                if let Ok(mut r) = results[slot].lock() {
+                    *r = Some(out);
                 }
             }
         });
-        let mut parts = Vec::with_capacity(ranges.len());
-        for (slot, range) in slots.into_iter().zip(ranges) {
-            // A poisoned or empty slot cannot happen without a panic in `build`; rebuild here if so.
-            let built = slot.into_inner().ok().flatten();
-            parts.push(built.unwrap_or_else(|| build(range)));
-        }
-        parts
+        // A poisoned or empty slot cannot happen without a panic in `f` (re-raised by `run`).
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(slot, r)| r.into_inner().ok().flatten().unwrap_or_else(|| f(slot)))
+            .collect()
+    }
+
+    /// Parts a matrix placed by this pool has (one per node in use).
+    pub fn nodes(&self) -> usize {
+        self.nodes_in_use.len()
     }
 
     /// Per-thread work lists: if the parts follow this pool's nodes, each node's threads split its

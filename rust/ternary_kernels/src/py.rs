@@ -797,6 +797,46 @@ impl PyDecodeModel {
     }
 }
 
+/// The same matrices (TernaryMatrix and Int8Matrix objects, in any order), returned in that order as
+/// new objects whose weights share mappings advised for transparent huge pages: a loaded model's
+/// matrices all at once, so a decode step's weights span few TLB entries. Results are unchanged.
+#[pyfunction]
+fn share_weight_pages<'py>(py: Python<'py>, matrices: Vec<Bound<'py, PyAny>>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let (mut ternary, mut int8) = (Vec::new(), Vec::new());
+    for (i, m) in matrices.iter().enumerate() {
+        if let Ok(t) = m.cast::<PyTernaryMatrix>() {
+            ternary.push(t.get().inner.clone());
+        } else if let Ok(q) = m.cast::<PyInt8Matrix>() {
+            int8.push(q.get().inner.clone());
+        } else {
+            return Err(Error::WrongType {
+                arg: "matrices",
+                msg: format!("item {i}: expected a TernaryMatrix or an Int8Matrix, got {}", m.get_type().name()?),
+            }
+            .into());
+        }
+    }
+    let pool = pool::global()?;
+    let (t_shared, q_shared) = py.detach(|| {
+        let t: Vec<&PackedTernary> = ternary.iter().map(|m| &**m).collect();
+        let q: Vec<&PackedInt8> = int8.iter().map(|m| &**m).collect();
+        matmul::share_weight_pages(&t, &q, &pool)
+    })?;
+    let (mut t_iter, mut q_iter) = (t_shared.into_iter(), q_shared.into_iter());
+    matrices
+        .iter()
+        .map(|m| {
+            if m.cast::<PyTernaryMatrix>().is_ok() {
+                let inner = Arc::new(t_iter.next().expect("one shared matrix per input"));
+                Ok(Bound::new(py, PyTernaryMatrix { inner })?.into_any())
+            } else {
+                let inner = Arc::new(q_iter.next().expect("one shared matrix per input"));
+                Ok(Bound::new(py, PyInt8Matrix { inner })?.into_any())
+            }
+        })
+        .collect()
+}
+
 /// The kernel path in use: "avx512vnni", "avx512bw", "avx2" or "scalar" (NANOCHAT_TERNARY_ISA forces one).
 #[pyfunction]
 fn active_isa() -> PyResult<&'static str> {
@@ -837,5 +877,6 @@ fn _ternary(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(causal_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(share_weight_pages, m)?)?;
     Ok(())
 }
