@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py does: spinnin
 
 import torch  # noqa: E402
 
-from nanochat import quant  # noqa: E402
+from nanochat import mhc, quant  # noqa: E402
 from nanochat.config import PRESETS, preset  # noqa: E402
 from nanochat.model import GPT  # noqa: E402
 from nanochat.optim import build_optimizers  # noqa: E402
@@ -172,6 +172,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-linear (quantization off) baseline")
+    p.add_argument("--reference-mix", action="store_true",
+                   help="mix mHC streams with the PyTorch broadcast form even on CUDA (not the Triton kernel)")
     p.add_argument("--breakdown", action="store_true", help="also time forward/quantizers/backward/optimizers of QAT (CPU)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also run torch.profiler over this many QAT steps")
     p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace here (.json or .json.gz)")
@@ -185,6 +187,7 @@ def main() -> int:
     if args.seq_len > config.max_seq_len:
         print(f"error: --seq-len {args.seq_len} > max_seq_len {config.max_seq_len} of {args.preset}", file=sys.stderr)
         return 2
+    mhc.force_reference(args.reference_mix)
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
     train_model = torch.compile(model) if args.compile else model

@@ -321,12 +321,42 @@ def run_compiled(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
+# ---------------------------------------------------------------------------------------------
+# mHC stream mixing (triton_kernels/stream_mix.py): fp32 sums of 2-4 products, compared within rounding
+
+@pytest.mark.parametrize("m,n,shape", [(2, 2, (3, 5, 8)), (4, 4, (2, 700, 6)), (1, 4, (5000,)), (1, 2, (1, 1, 4))])
+def test_stream_mix_matches_reference_and_its_gradients(m, n, shape):
+    from triton_kernels.stream_mix import stream_mix, stream_mix_ref
+    torch.manual_seed(m * 10 + n)
+    w = torch.randn(m, n, requires_grad=True)
+    xs = torch.randn(n, *shape, requires_grad=True)
+    g = torch.randn(m, *shape)
+    out = stream_mix(w, xs)
+    torch.testing.assert_close(out, stream_mix_ref(w, xs))
+    gw, gx = torch.autograd.grad(out, (w, xs), g)
+    rw, rx = torch.autograd.grad(stream_mix_ref(w, xs), (w, xs), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)  # a sum over every position, in another order
+
+
+def test_stream_mix_expanded_streams_and_bad_arguments():
+    from triton_kernels.stream_mix import stream_mix, stream_mix_ref
+    x = torch.randn(4, 9, 16)
+    xs = x.unsqueeze(0).expand(2, *x.shape)  # the first block's streams: one embedding, stride 0
+    w = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+    torch.testing.assert_close(stream_mix(w, xs), stream_mix_ref(w, xs))
+    with pytest.raises(TypeError, match="float32"):
+        stream_mix(w.double(), xs.double())
+    with pytest.raises(ValueError, match="n 2 or 4"):
+        stream_mix(torch.ones(3, 3), torch.ones(3, 4, 8))
+
+
 def test_kernels_compile_for_sm90_with_exact_arithmetic():
     from triton_kernels.ptx_check import problems
     assert problems("\tfma.rn.f32 %r1, %r2, %r3, %r4;") and problems("div.full.f32 %r1") and problems("0f4B400000")
     run = run_compiled("-m", "triton_kernels.ptx_check")
     assert run.returncode == 0, f"ptx_check failed:\n{run.stdout}\n{run.stderr[-3000:]}"
-    assert run.stdout.count("sm_90 ok") == 5, run.stdout
+    assert run.stdout.count("sm_90 ok") == 7, run.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

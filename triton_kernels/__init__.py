@@ -9,6 +9,7 @@ CUDA tensors here. Public API:
   act_quant(x, return_int8=False, out_dtype=None)                             -> (x_q, q|None, s|None)
   act_quant_int8(x)                                                            -> (q int8, s f32 [..., 1])
   ste_clip_grad(grad_out, w, scales, group_size, clip_factor)                  -> clipped STE gradient
+  stream_mix(w, xs)                                                            -> mHC stream mix, differentiable
 Set TRITON_INTERPRET=1 before importing to run on CPU tensors (tests). See docs/triton.md.
 """
 
@@ -16,7 +17,8 @@ from .act_quant import act_quant, act_quant_int8
 from .common import INTERPRET
 from .ste import act_quant_ste, weight_quant_ste
 from .ste_clip_grad import ste_clip_grad
+from .stream_mix import stream_mix
 from .weight_quant import weight_quant, weight_scales_codes
 
 __all__ = ["weight_quant_ste", "act_quant_ste", "weight_quant", "weight_scales_codes",
-           "act_quant", "act_quant_int8", "ste_clip_grad", "INTERPRET"]
+           "act_quant", "act_quant_int8", "ste_clip_grad", "stream_mix", "INTERPRET"]

@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from .common import INTERPRET
 
 # the package re-exports functions under the submodules' names, so fetch the modules explicitly
-MODULES = {name: importlib.import_module(f"{__package__}.{name}") for name in ("weight_quant", "act_quant", "ste_clip_grad")}
+MODULES = {name: importlib.import_module(f"{__package__}.{name}") for name in ("weight_quant", "act_quant", "ste_clip_grad", "stream_mix")}
 
 WEIGHT_SIG = {"w_ptr": "*fp32", "wq_ptr": "*fp16", "scales_ptr": "*fp32", "codes_ptr": "*i8", "N": "i32", "K": "i32",
               "G": "i32", "stride_w": "i32", "stride_wq": "i32", "stride_codes": "i32", "GROUP": "constexpr",
@@ -35,6 +35,10 @@ ACT_SIG = {"x_ptr": "*fp32", "xq_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32"
 CLIP_SIG = {"gout_ptr": "*fp16", "w_ptr": "*fp32", "scales_ptr": "*fp32", "gw_ptr": "*fp32", "N": "i32", "K": "i32",
             "G": "i32", "clip_factor": "fp32", "stride_gout": "i32", "stride_w": "i32", "stride_gw": "i32",
             "GROUP": "constexpr", "BLOCK_N": "constexpr"}
+MIX_FWD_SIG = {"w_ptr": "*fp32", "x_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "M": "constexpr", "N": "constexpr",
+               "BLOCK": "constexpr"}
+MIX_BWD_SIG = {"w_ptr": "*fp32", "x_ptr": "*fp32", "g_ptr": "*fp32", "gx_ptr": "*fp32", "partial_ptr": "*fp32",
+               "P": "i32", "M": "constexpr", "N": "constexpr", "BLOCK": "constexpr"}
 
 # (name, module, kernel, signature, constexprs, num_warps): the specializations the wrappers launch
 SPECS = [
@@ -47,6 +51,8 @@ SPECS = [
     ("act_bf16_chunked", "act_quant", "act_quant_kernel", dict(ACT_SIG, x_ptr="*bf16", xq_ptr="*bf16"),
      dict(BLOCK_M=1, BLOCK_K=4096, WRITE_INT8=False), 8),
     ("ste_clip_grad_fp16", "ste_clip_grad", "ste_clip_grad_kernel", CLIP_SIG, dict(GROUP=128, BLOCK_N=16), 4),
+    ("stream_mix_fwd_write", "stream_mix", "stream_mix_fwd_kernel", MIX_FWD_SIG, dict(M=2, N=2, BLOCK=2048), 4),
+    ("stream_mix_bwd_read", "stream_mix", "stream_mix_bwd_kernel", MIX_BWD_SIG, dict(M=1, N=4, BLOCK=2048), 4),
 ]
 
 

@@ -109,13 +109,13 @@ class HyperConnection(nn.Module):
         """u = sum_i h_pre[i] X[i] for X [n, ..., D]."""
         h_pre, _, _ = self.matrices()
         with torch.autocast(xs.device.type, enabled=False):
-            return (per_stream(h_pre.to(xs.dtype), xs) * xs).sum(0)
+            return mix_streams(h_pre.to(xs.dtype).unsqueeze(0), xs).squeeze(0)
 
     def write(self, xs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """X'[i] = sum_j H_res[i, j] X[j] + h_post[i] y."""
         _, h_post, h_res = self.matrices()
         with torch.autocast(xs.device.type, enabled=False):
-            mixed = (per_stream(h_res.to(xs.dtype), xs) * xs.unsqueeze(0)).sum(1)
+            mixed = mix_streams(h_res.to(xs.dtype), xs)
             return mixed + per_stream(h_post.to(xs.dtype), xs) * y.to(xs.dtype)
 
     def extra_repr(self) -> str:
@@ -123,11 +123,33 @@ class HyperConnection(nn.Module):
 
 
 def per_stream(weights: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Mixing weights [n] or [n, n] viewed to broadcast against the streams X [n, ..., D].
-
-    The mixes are broadcast multiplies and sums, not einsum: einsum becomes a bmm whose backward
-    cuBLAS runs as one fp32 reduction over all B*T*D values (43% of a nano-125m step on an H200)."""
+    """Mixing weights [n] or [m, n] viewed to broadcast against the streams X [n, ..., D]."""
     return weights.view(*weights.shape, *([1] * (xs.dim() - 1)))
+
+
+def mix_streams(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum_j w[i, j] X[j] for w [m, n], X [n, ..., D] (fp32). On a GPU, the fused Triton kernel
+    (triton_kernels/stream_mix.py): broadcast multiplies and a sum materialize [m, n, B, T, D] both ways in
+    unvectorized kernels there (~80 ms of a ~205 ms nano-125m step on an H200), and a matmul runs as a
+    SIMT sgemm no faster; as einsum, the weight gradient was one matmul reduced on one tile (43%).
+    On the CPU, the broadcast form (a matmul made the tiny preset's step 10-15% slower)."""
+    if xs.is_cuda and not _FORCE_REFERENCE:
+        try:
+            from triton_kernels.stream_mix import stream_mix
+        except ImportError:
+            pass
+        else:
+            return stream_mix(w, xs)
+    return (per_stream(w, xs) * xs.unsqueeze(0)).sum(1)
+
+
+_FORCE_REFERENCE = False
+
+
+def force_reference(flag: bool = True) -> None:
+    """Mix with the PyTorch broadcast form even on CUDA (benchmarks compare the two)."""
+    global _FORCE_REFERENCE
+    _FORCE_REFERENCE = flag
 
 
 def make_residual(n: int, home: int = 0) -> nn.Module:
