@@ -143,23 +143,28 @@ impl TernaryActs {
     }
 }
 
-/// A register block of tokens loads its activations from lane copies only while those stay in L1
-/// (32 KiB) beside the weights: at most this many bytes of copies (`lane_stride` per token).
+/// A register block of tokens loads its activations from lane copies while those stay in L1 (32 KiB)
+/// beside the weights: at most this many bytes of copies (`lane_stride` per token).
 pub const LANES_L1_BYTES: usize = 24 * 1024;
 
-/// Whether a register block of `block_tokens` tokens (2+) of K = kp reads lane copies rather than
-/// broadcasting from q. Copies that spill to L2 delay the weights streaming in from memory: one
-/// thread, weights cold (examples/cold_gemm), copies vs broadcasts: 768 x 2688 at 4-6 tokens
-/// 189-220 -> 261-298 GOPS, 2048 x 2048 at 3-6 tokens 208-237 -> 257-304, 4096 x 4096 194-205 ->
-/// 238-295. Where they fit, copies win by a vector-pipe slot per load: 768 x 768 in cache at 32
-/// tokens 369 vs 335 GOPS, 2688 x 768 at 8 tokens 360 vs 320.
-pub fn block_reads_lanes(block_tokens: usize, kp: usize) -> bool {
-    block_tokens >= 2 && block_tokens * lane_stride(kp) <= LANES_L1_BYTES
+/// The AVX-512 GEMM's register blocks hold up to this many tokens; a call with more passes over each
+/// weight tile more than once, and only the first pass reads the weights from memory.
+pub const ONE_PASS_TOKENS: usize = 6;
+
+/// Whether a register block of `block_tokens` tokens (2+) of K = kp, in a call of `tokens` tokens,
+/// reads lane copies rather than broadcasting from q. Copies that spill to L2 delay the weights
+/// streaming in from memory when a call passes over them once (one thread, weights cold,
+/// examples/cold_gemm, copies vs broadcasts: 768 x 2688 at 4-6 tokens 189-220 -> 261-298 GOPS,
+/// 2048 x 2048 at 3-6 tokens 208-237 -> 257-304, 4096 x 4096 194-205 -> 238-295). Where they fit,
+/// or where later passes find the weights in cache (8+ tokens), copies win by a vector-pipe slot
+/// per load: 768 x 768 at 32 tokens 369 vs 335 GOPS, 2048 x 2048 at 32 tokens 728.9 vs 759.6 us.
+pub fn block_reads_lanes(block_tokens: usize, kp: usize, tokens: usize) -> bool {
+    block_tokens >= 2 && (tokens > ONE_PASS_TOKENS || block_tokens * lane_stride(kp) <= LANES_L1_BYTES)
 }
 
-/// Whether any register block of a call with `tokens` tokens reads lane copies (blocks hold 2-6).
+/// Whether any register block of a call with `tokens` tokens reads lane copies.
 pub fn lanes_pay_off(tokens: usize, kp: usize) -> bool {
-    tokens >= 2 && block_reads_lanes(2, kp)
+    tokens >= 2 && block_reads_lanes(2.min(tokens), kp, tokens)
 }
 
 /// Each 16 values of `q` ([tokens][kp], kp a multiple of 16) written 4 times in a row: the 128-bit

@@ -200,8 +200,9 @@ mod tests {
         ternary_case_in(1..23, 1..700)
     }
 
-    /// K up to 3000: blocks of 3+ tokens broadcast their activations instead of reading lane copies
-    /// (act.rs `block_reads_lanes`), and 2-token blocks still read them up to K = 3008.
+    /// K up to 3000: in calls of up to 6 tokens, blocks of 3+ tokens broadcast their activations
+    /// instead of reading lane copies (act.rs `block_reads_lanes`); 2-token blocks, and every block
+    /// of a call of 7+ tokens, still read them.
     fn wide_ternary_case() -> impl Strategy<Value = (TernaryShape, Vec<i8>, Vec<f32>, Vec<f32>, usize)> {
         ternary_case_in(1..9, 1000..3000)
     }

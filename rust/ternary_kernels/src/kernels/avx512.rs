@@ -2,8 +2,9 @@
 //!
 //! Ternary: a 64-byte packed vector is 4 rows x 64 weights; `(w >> 2f) & 3` gives field f, whose
 //! 128-bit lane r holds 16 weights of row r (format.rs), all multiplying the same 16 activations in
-//! each of the 4 lanes: broadcast from q, or for 2+ tokens whose copies fit L1 loaded whole from
-//! their lane copies (act.rs `block_reads_lanes`). Fields are the unsigned code + 1, so u8 x s8
+//! each of the 4 lanes: broadcast from q, or for 2+ tokens loaded whole from their lane copies
+//! where those fit L1 or the call passes over the weights more than once (act.rs
+//! `block_reads_lanes`). Fields are the unsigned code + 1, so u8 x s8
 //! multiplies are exact and the per-group activation sum is subtracted once per row
 //! (sum(c x) = sum((c+1) x) - sum(x)).
 //! Per group the exact i32 lanes are converted to f32 and fused-multiply-added with the row scales;
@@ -25,7 +26,7 @@ use crate::kernels::{prefetch_distance, Ternary};
 /// Tiles per block: the outer loop walks 4 tiles (16 rows) at a time and splits them by token count.
 const BLOCK_TILES: usize = 4;
 /// Tokens per register block.
-const TOKEN_BLOCK: usize = 6;
+const TOKEN_BLOCK: usize = crate::act::ONE_PASS_TOKENS;
 /// Lane copies (act.rs) of at most this many bytes are swept by every tile block: L2 is 1 MiB on Zen 4
 /// (512 KiB on Zen 3) and also holds the weights streaming through.
 const LANES_L2_BYTES: usize = 256 * 1024;
@@ -125,7 +126,7 @@ unsafe fn tile_block(
     let mut t0 = tokens.start;
     while t0 < tokens.end {
         let nt = (tokens.end - t0).min(TOKEN_BLOCK);
-        let lanes = !k.lanes.is_empty() && crate::act::block_reads_lanes(nt, k.kp);
+        let lanes = !k.lanes.is_empty() && crate::act::block_reads_lanes(nt, k.kp, k.s.len());
         // SAFETY: as for this function; each call covers tiles [tile0, tile0 + tiles) and tokens
         // [t0, t0 + nt) only.
         unsafe {
