@@ -37,7 +37,21 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, poo
     check_x(x, tokens, shape.cols)?;
     let acts = TernaryActs::for_isa(x, tokens, shape, isa);
     let part_tiles: Vec<usize> = m.parts.iter().map(|p| p.tiles).collect();
+    let first_tiles: Vec<usize> = m.parts.iter().map(|p| p.first_tile).collect();
     let work = shape.rows * shape.cols * tokens;
+    if tokens == 1 {
+        let mut y = vec![0f32; part_tiles.iter().sum::<usize>() * ROWS_PER_TILE];
+        pool.run_rows(&part_tiles, &first_tiles, work, &mut y, |item: &WorkItem, rows: &mut [f32]| {
+            let part = &m.parts[item.part];
+            let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
+            let codes = &part.codes.bytes()[item.tiles.start * tb..item.tiles.end * tb];
+            let scales = &part.scales.f32s()[item.tiles.start * ts..item.tiles.end * ts];
+            let ldo = rows.len();
+            kernels::ternary(isa, &shape, codes, scales, &acts, rows, ldo);
+        });
+        y.truncate(shape.rows);
+        return Ok(y);
+    }
     let pieces = pool.run(&part_tiles, work, |item: &WorkItem| {
         let part = &m.parts[item.part];
         let tb = shape.tile_code_bytes();
@@ -49,7 +63,6 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, poo
         kernels::ternary(isa, &shape, codes, scales, &acts, &mut out, ldo);
         out
     });
-    let first_tiles: Vec<usize> = m.parts.iter().map(|p| p.first_tile).collect();
     Ok(gather(pieces, &first_tiles, tokens, shape.rows))
 }
 
@@ -60,7 +73,26 @@ pub fn int8_matmul(m: &PackedInt8, x: &[f32], tokens: usize, isa: Isa, pool: &Po
     let acts = Int8Acts::new(x, tokens, shape.cols);
     let kp = shape.padded_cols();
     let part_tiles: Vec<usize> = m.parts.iter().map(|p| p.tiles).collect();
+    let first_tiles: Vec<usize> = m.parts.iter().map(|p| p.first_tile).collect();
     let work = shape.rows * shape.cols * tokens * 4;
+    if tokens == 1 {
+        let mut y = vec![0f32; part_tiles.iter().sum::<usize>() * ROWS_PER_TILE];
+        pool.run_rows(&part_tiles, &first_tiles, work, &mut y, |item: &WorkItem, out: &mut [f32]| {
+            let part = &m.parts[item.part];
+            let rows = item.tiles.start * ROWS_PER_TILE..item.tiles.end * ROWS_PER_TILE;
+            let ldo = out.len();
+            kernels::int8(
+                isa,
+                &part.q.i8s()[rows.start * kp..rows.end * kp],
+                &part.scales.f32s()[rows],
+                &acts,
+                out,
+                ldo,
+            );
+        });
+        y.truncate(shape.rows);
+        return Ok(y);
+    }
     let pieces = pool.run(&part_tiles, work, |item: &WorkItem| {
         let part = &m.parts[item.part];
         let rows = item.tiles.start * ROWS_PER_TILE..item.tiles.end * ROWS_PER_TILE;
@@ -71,7 +103,6 @@ pub fn int8_matmul(m: &PackedInt8, x: &[f32], tokens: usize, isa: Isa, pool: &Po
         kernels::int8(isa, q, scales, &acts, &mut out, ldo);
         out
     });
-    let first_tiles: Vec<usize> = m.parts.iter().map(|p| p.first_tile).collect();
     Ok(gather(pieces, &first_tiles, tokens, shape.rows))
 }
 
@@ -352,6 +383,27 @@ mod tests {
         assert_eq!(gather(pieces, &firsts, 2, shape.rows), want);
         // And the public entry point with the real threshold.
         assert_eq!(ternary_matmul(&placed, &x, 2, isa, &pool).unwrap(), want);
+        // One token: every thread writes its items' rows of y in place (run_rows), forced parallel.
+        let x1 = &x[..shape.cols];
+        let want1 = ternary_matmul(&m, x1, 1, isa, &one).unwrap();
+        let acts = TernaryActs::for_isa(x1, 1, shape, isa);
+        let part_tiles: Vec<usize> = placed.parts.iter().map(|p| p.tiles).collect();
+        let mut y = vec![f32::NAN; part_tiles.iter().sum::<usize>() * ROWS_PER_TILE];
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        pool.run_rows(&part_tiles, &firsts, usize::MAX, &mut y, |item, rows| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let part = &placed.parts[item.part];
+            let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
+            let (codes, scales) = (
+                &part.codes.bytes()[item.tiles.start * tb..item.tiles.end * tb],
+                &part.scales.f32s()[item.tiles.start * ts..item.tiles.end * ts],
+            );
+            let ldo = rows.len();
+            kernels::ternary(isa, &shape, codes, scales, &acts, rows, ldo);
+        });
+        assert!(calls.into_inner() >= 3, "every thread should get rows");
+        assert_eq!(&y[..shape.rows], &want1[..]);
+        assert_eq!(ternary_matmul(&placed, x1, 1, isa, &pool).unwrap(), want1);
     }
 
     #[test]

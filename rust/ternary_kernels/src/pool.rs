@@ -20,6 +20,9 @@ use crate::topology::Topology;
 /// What `Pool::run` returns: each work item with its output block.
 pub type Pieces = Vec<(WorkItem, Vec<f32>)>;
 
+/// One thread's share of `Pool::run_rows`: each work item with its rows of y.
+type RowJobs<'a> = Vec<(&'a WorkItem, &'a mut [f32])>;
+
 /// Below this many multiply-adds per call, one thread does the whole job.
 pub const PARALLEL_MIN_WORK: usize = 1 << 22;
 
@@ -205,6 +208,51 @@ impl Pool {
             }
         });
         slots.into_iter().flat_map(|slot| slot.into_inner().unwrap_or_default()).collect()
+    }
+
+    /// One token: `f(item, rows)` writes each work item's outputs straight into its rows of y, which
+    /// holds every part's tiles in order (`first_tiles`: each part's first tile): no block per item,
+    /// no gather (2048 x 2048 GEMV on 2 threads, 8 alternating runs: median 21.6 -> 20.7 us).
+    pub fn run_rows<F>(&self, part_tiles: &[usize], first_tiles: &[usize], work: usize, y: &mut [f32], f: F)
+    where
+        F: Fn(&WorkItem, &mut [f32]) + Sync,
+    {
+        use crate::format::ROWS_PER_TILE;
+        let serial = self.workers.is_none() || work < PARALLEL_MIN_WORK;
+        let plan = if serial {
+            vec![part_tiles.iter().enumerate().map(|(part, &n)| WorkItem { part, tiles: 0..n }).collect()]
+        } else {
+            self.plan(part_tiles)
+        };
+        // every item's rows of y, cut in row order (items never overlap), then handed back in plan order
+        let mut order: Vec<(usize, usize, &WorkItem)> = Vec::new();
+        for (thread, items) in plan.iter().enumerate() {
+            for item in items {
+                order.push(((first_tiles[item.part] + item.tiles.start) * ROWS_PER_TILE, thread, item));
+            }
+        }
+        order.sort_by_key(|o| o.0);
+        let mut per_thread: Vec<RowJobs> = plan.iter().map(|_| Vec::new()).collect();
+        let (mut rest, mut at) = (y, 0);
+        for (row0, thread, item) in order {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(row0 - at);
+            let (rows, tail) = tail.split_at_mut(item.tiles.len() * ROWS_PER_TILE);
+            per_thread[thread].push((item, rows));
+            rest = tail;
+            at = row0 + item.tiles.len() * ROWS_PER_TILE;
+        }
+        let jobs: Vec<Mutex<RowJobs>> = per_thread.into_iter().map(Mutex::new).collect();
+        let run = |thread: usize| {
+            if let Ok(mut mine) = jobs[thread].lock() {
+                for (item, rows) in mine.iter_mut() {
+                    f(item, rows);
+                }
+            }
+        };
+        match &self.workers {
+            Some(workers) if !serial => workers.run(&run),
+            _ => run(0),
+        }
     }
 }
 
