@@ -127,6 +127,15 @@ def per_stream(weights: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     return weights.view(*weights.shape, *([1] * (xs.dim() - 1)))
 
 
+_FORCE_REFERENCE = False
+
+
+def force_reference(flag: bool = True) -> None:
+    """Mix with the PyTorch broadcast form even on CUDA (benchmarks compare the two)."""
+    global _FORCE_REFERENCE
+    _FORCE_REFERENCE = flag
+
+
 def mix_streams(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """out[i] = sum_j w[i, j] X[j] for w [m, n], X [n, ..., D] (fp32). On a GPU, the fused Triton kernel
     (triton_kernels/stream_mix.py): broadcast multiplies and a sum materialize [m, n, B, T, D] both ways in
@@ -141,15 +150,6 @@ def mix_streams(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         else:
             return stream_mix(w, xs)
     return (per_stream(w, xs) * xs.unsqueeze(0)).sum(1)
-
-
-_FORCE_REFERENCE = False
-
-
-def force_reference(flag: bool = True) -> None:
-    """Mix with the PyTorch broadcast form even on CUDA (benchmarks compare the two)."""
-    global _FORCE_REFERENCE
-    _FORCE_REFERENCE = flag
 
 
 def make_residual(n: int, home: int = 0) -> nn.Module:

@@ -164,7 +164,7 @@ pub fn block_reads_lanes(block_tokens: usize, kp: usize, tokens: usize) -> bool 
 
 /// Whether any register block of a call with `tokens` tokens reads lane copies.
 pub fn lanes_pay_off(tokens: usize, kp: usize) -> bool {
-    tokens >= 2 && block_reads_lanes(2.min(tokens), kp, tokens)
+    tokens >= 2 && block_reads_lanes(2, kp, tokens)
 }
 
 /// Each 16 values of `q` ([tokens][kp], kp a multiple of 16) written 4 times in a row: the 128-bit

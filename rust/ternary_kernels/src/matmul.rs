@@ -109,7 +109,7 @@ pub fn int8_matmul(m: &PackedInt8, x: &[f32], tokens: usize, isa: Isa, pool: &Po
 /// Copy each work item's [tokens][rows_of_item] block into y [tokens][rows], dropping padded rows.
 fn gather(pieces: Vec<(WorkItem, Vec<f32>)>, first_tiles: &[usize], tokens: usize, rows: usize) -> Vec<f32> {
     // One piece covering the matrix with no padded rows in the way: it already is y.
-    if pieces.len() == 1 && (tokens == 1 || pieces[0].0.tiles.len() * ROWS_PER_TILE == rows) {
+    if pieces.len() == 1 && pieces[0].0.tiles.len() * ROWS_PER_TILE == rows {
         if let Some((_, mut only)) = pieces.into_iter().next() {
             only.truncate(tokens * rows);
             return only;

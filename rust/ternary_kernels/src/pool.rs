@@ -185,10 +185,8 @@ impl Pool {
         F: Fn(&WorkItem) -> Vec<f32> + Sync,
     {
         let whole = || {
-            part_tiles
-                .iter()
-                .enumerate()
-                .map(|(part, &n)| WorkItem { part, tiles: 0..n })
+            whole_parts(part_tiles)
+                .into_iter()
                 .map(|item| {
                     let out = f(&item);
                     (item, out)
@@ -219,11 +217,7 @@ impl Pool {
     {
         use crate::format::ROWS_PER_TILE;
         let serial = self.workers.is_none() || work < PARALLEL_MIN_WORK;
-        let plan = if serial {
-            vec![part_tiles.iter().enumerate().map(|(part, &n)| WorkItem { part, tiles: 0..n }).collect()]
-        } else {
-            self.plan(part_tiles)
-        };
+        let plan = if serial { vec![whole_parts(part_tiles)] } else { self.plan(part_tiles) };
         // every item's rows of y, cut in row order (items never overlap), then handed back in plan order
         let mut order: Vec<(usize, usize, &WorkItem)> = Vec::new();
         for (thread, items) in plan.iter().enumerate() {
@@ -254,6 +248,11 @@ impl Pool {
             _ => run(0),
         }
     }
+}
+
+/// One work item per part, covering all its tiles: a job run on the calling thread.
+fn whole_parts(part_tiles: &[usize]) -> Vec<WorkItem> {
+    part_tiles.iter().enumerate().map(|(part, &n)| WorkItem { part, tiles: 0..n }).collect()
 }
 
 /// Split `n` into contiguous ranges proportional to `weights` (every unit goes somewhere).
