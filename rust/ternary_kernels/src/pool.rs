@@ -36,7 +36,7 @@ pub struct Pool {
 }
 
 /// Pin the calling thread to `cpu`; failure (e.g. a restricted container) only costs locality.
-fn pin_to_cpu(cpu: usize) {
+pub(crate) fn pin_to_cpu(cpu: usize) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: cpu_set_t is a plain bit array for which all-zero is a valid value; CPU_SET only
@@ -81,7 +81,7 @@ impl Pool {
         }
         let workers = if threads > 1 {
             let cpus: Vec<usize> = assignment.iter().map(|&(cpu, _)| cpu).collect();
-            let gang = Gang::new(threads, nodes_in_use.len() == 1, move |share| pin_to_cpu(cpus[share]))
+            let gang = Gang::new(&cpus, nodes_in_use.len() == 1, pin_to_cpu)
                 .map_err(|e| Error::Threads(format!("cannot start {threads} threads: {e}")))?;
             Some(gang)
         } else {
