@@ -10,6 +10,7 @@
 //! - Small jobs (few multiply-adds) run on the calling thread: even a spinning worker costs a
 //!   cache-line round trip, and the engine calls 768x768 GEMVs about a hundred times per token.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
@@ -19,9 +20,6 @@ use crate::topology::Topology;
 
 /// What `Pool::run` returns: each work item with its output block.
 pub type Pieces = Vec<(WorkItem, Vec<f32>)>;
-
-/// One thread's share of `Pool::run_rows`: each work item with its rows of y.
-type RowJobs<'a> = Vec<(&'a WorkItem, &'a mut [f32])>;
 
 /// Below this many multiply-adds per call, one thread does the whole job.
 pub const PARALLEL_MIN_WORK: usize = 1 << 22;
@@ -211,6 +209,10 @@ impl Pool {
     /// One token: `f(item, rows)` writes each work item's outputs straight into its rows of y, which
     /// holds every part's tiles in order (`first_tiles`: each part's first tile): no block per item,
     /// no gather (2048 x 2048 GEMV on 2 threads, 8 alternating runs: median 21.6 -> 20.7 us).
+    ///
+    /// Each thread's share is cut into `PIECES_PER_THREAD` pieces that it takes in order; a thread
+    /// that has finished its own takes the pieces still left by the other threads of its node, so a
+    /// thread whose core another process holds does not make the whole call wait for it.
     pub fn run_rows<F>(&self, part_tiles: &[usize], first_tiles: &[usize], work: usize, y: &mut [f32], f: F)
     where
         F: Fn(&WorkItem, &mut [f32]) + Sync,
@@ -218,28 +220,45 @@ impl Pool {
         use crate::format::ROWS_PER_TILE;
         let serial = self.workers.is_none() || work < PARALLEL_MIN_WORK;
         let plan = if serial { vec![whole_parts(part_tiles)] } else { self.plan(part_tiles) };
-        // every item's rows of y, cut in row order (items never overlap), then handed back in plan order
-        let mut order: Vec<(usize, usize, &WorkItem)> = Vec::new();
+        let pieces = if serial { 1 } else { PIECES_PER_THREAD };
+        // every piece's rows of y, cut in row order (pieces never overlap), then handed back by thread
+        let mut order: Vec<(usize, usize, WorkItem)> = Vec::new();
         for (thread, items) in plan.iter().enumerate() {
             for item in items {
-                order.push(((first_tiles[item.part] + item.tiles.start) * ROWS_PER_TILE, thread, item));
+                for cut in split_weighted(item.tiles.len(), &vec![1; pieces]).into_iter().filter(|c| !c.is_empty()) {
+                    let tiles = item.tiles.start + cut.start..item.tiles.start + cut.end;
+                    let row0 = (first_tiles[item.part] + tiles.start) * ROWS_PER_TILE;
+                    order.push((row0, thread, WorkItem { part: item.part, tiles }));
+                }
             }
         }
         order.sort_by_key(|o| o.0);
-        let mut per_thread: Vec<RowJobs> = plan.iter().map(|_| Vec::new()).collect();
+        let mut per_thread: Vec<Vec<PieceSlot>> = plan.iter().map(|_| Vec::new()).collect();
         let (mut rest, mut at) = (y, 0);
-        for (row0, thread, item) in order {
+        for (row0, thread, piece) in order {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(row0 - at);
-            let (rows, tail) = tail.split_at_mut(item.tiles.len() * ROWS_PER_TILE);
-            per_thread[thread].push((item, rows));
+            let (rows, tail) = tail.split_at_mut(piece.tiles.len() * ROWS_PER_TILE);
+            at = row0 + piece.tiles.len() * ROWS_PER_TILE;
+            per_thread[thread].push(Mutex::new(Some((piece, rows))));
             rest = tail;
-            at = row0 + item.tiles.len() * ROWS_PER_TILE;
         }
-        let jobs: Vec<Mutex<RowJobs>> = per_thread.into_iter().map(Mutex::new).collect();
+        // each thread's pieces are consecutive tiles, in order
+        let shares: Vec<Share> =
+            per_thread.into_iter().map(|pieces| Share { next: AtomicUsize::new(0), pieces }).collect();
         let run = |thread: usize| {
-            if let Ok(mut mine) = jobs[thread].lock() {
-                for (item, rows) in mine.iter_mut() {
-                    f(item, rows);
+            let n = shares.len();
+            let node = self.thread_node[thread];
+            // its own pieces first, then what the other threads of its node left (their parts live there)
+            for victim in (0..n).map(|i| (thread + i) % n).filter(|&v| self.thread_node[v] == node) {
+                let share = &shares[victim];
+                loop {
+                    let i = share.next.fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = share.pieces.get(i) else { break };
+                    // each index is claimed once, so the lock is never contended
+                    let taken = slot.lock().ok().and_then(|mut s| s.take());
+                    if let Some((piece, rows)) = taken {
+                        f(&piece, rows);
+                    }
                 }
             }
         };
@@ -248,6 +267,20 @@ impl Pool {
             _ => run(0),
         }
     }
+}
+
+/// Pieces a thread's share of a one-token call is cut into (`Pool::run_rows`).
+const PIECES_PER_THREAD: usize = 4;
+
+/// A piece of a one-token call: its tiles and its rows of y, for whichever thread claims it.
+type PieceSlot<'a> = Mutex<Option<(WorkItem, &'a mut [f32])>>;
+
+/// One thread's pieces and the index of the next unclaimed one (on a cache line of its own: the
+/// owner claims from it for every piece).
+#[repr(align(64))]
+struct Share<'a> {
+    next: AtomicUsize,
+    pieces: Vec<PieceSlot<'a>>,
 }
 
 /// One work item per part, covering all its tiles: a job run on the calling thread.
@@ -304,6 +337,29 @@ mod tests {
 
     fn two_nodes() -> Topology {
         Topology { nodes: vec![Node { id: 0, cpus: vec![0, 1] }, Node { id: 1, cpus: vec![2, 3] }] }
+    }
+
+    #[test]
+    fn a_slow_threads_pieces_are_taken_by_the_others() {
+        let pool = Pool::new(3, &Topology { nodes: vec![Node { id: 0, cpus: vec![0, 1, 2] }] }).unwrap();
+        let tiles = 48;
+        let slow_share = pool.plan(&[tiles])[1][0].tiles.clone();
+        let mut y = vec![0f32; tiles * 4];
+        let ran: Mutex<Vec<(std::ops::Range<usize>, bool)>> = Mutex::new(Vec::new());
+        pool.run_rows(&[tiles], &[0], usize::MAX, &mut y, |item, rows| {
+            let slow = std::thread::current().name() == Some("nanochat-ternary-1");
+            if slow {
+                std::thread::sleep(std::time::Duration::from_millis(50)); // its core is taken, say
+            }
+            rows.iter_mut().enumerate().for_each(|(i, r)| *r += (item.tiles.start * 4 + i) as f32 + 1.0);
+            ran.lock().unwrap().push((item.tiles.clone(), slow));
+        });
+        // every row written exactly once, with its own value
+        assert!(y.iter().enumerate().all(|(i, &v)| v == i as f32 + 1.0));
+        let ran = ran.into_inner().unwrap();
+        let by_slow: usize = ran.iter().filter(|(_, slow)| *slow).map(|(t, _)| t.len()).sum();
+        assert!(by_slow < slow_share.len(), "the slow thread ran all {by_slow} tiles of its share itself");
+        assert_eq!(ran.len(), 3 * PIECES_PER_THREAD);
     }
 
     #[test]
