@@ -492,6 +492,17 @@ pub fn prefetch_cache<T>(s: AttnShape, cache: &[T], n: usize) -> usize {
     s.n_kv_heads * rows * hd * std::mem::size_of::<T>()
 }
 
+/// Prefetch hints (into L2) for the first `rows` positions of each kv head of a cache [KVH, capacity,
+/// hd]; no effect on results.
+pub fn prefetch_rows<T>(s: AttnShape, cache: &[T], rows: usize) {
+    let (hd, rows) = (s.head_dim, rows.min(s.capacity));
+    for g in 0..s.n_kv_heads {
+        if let Some(head) = cache.get(g * s.capacity * hd..(g * s.capacity + rows) * hd) {
+            prefetch_l2(head);
+        }
+    }
+}
+
 /// Prefetch hints (into L2) for every 64-byte line of x; no effect on results.
 #[inline(always)]
 fn prefetch_l2<T>(x: &[T]) {
