@@ -1,7 +1,10 @@
 //! The entry points: quantize activations, split row tiles across the pool, run a kernel, gather.
 //!
-//! Output is [tokens][M] f32 row-major. Each work item computes a contiguous range of row tiles of
-//! one part into its own buffer; padded rows are dropped when gathering.
+//! Output is [tokens][M] f32 row-major. One token: each thread writes its row tiles of y in place.
+//! Several tokens on one node: each thread takes a range of whole tokens (quantized by itself) through
+//! every part and writes their rows in place (`Pool::token_split`). Otherwise (several nodes) each work
+//! item computes a contiguous range of row tiles of one part into its own buffer; padded rows are
+//! dropped when gathering.
 
 use std::ops::Range;
 
@@ -52,6 +55,14 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, poo
         y.truncate(shape.rows);
         return Ok(y);
     }
+    if let Some(per_share) = pool.token_split(tokens, shape.rows, work) {
+        let mut y = vec![0f32; tokens * shape.rows];
+        pool.run_chunks(&mut y, per_share * shape.rows, |share, out| {
+            let t0 = share * per_share;
+            tokens_through_parts(m, &x[t0 * shape.cols..(t0 + out.len() / shape.rows) * shape.cols], isa, out);
+        });
+        return Ok(y);
+    }
     let pieces = pool.run(&part_tiles, work, |item: &WorkItem| {
         let part = &m.parts[item.part];
         let tb = shape.tile_code_bytes();
@@ -64,6 +75,18 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, poo
         out
     });
     Ok(gather(pieces, &first_tiles, tokens, shape.rows))
+}
+
+/// Some whole tokens x [n, K] through every part of m, each token's rows written in place into
+/// out [n, M] (M a whole number of tiles, so every part's rows land inside out). The tokens'
+/// activations are quantized here, by whichever thread runs the chunk.
+pub(crate) fn tokens_through_parts(m: &PackedTernary, x: &[f32], isa: Isa, out: &mut [f32]) {
+    let shape = m.shape;
+    let acts = TernaryActs::for_isa(x, out.len() / shape.rows, shape, isa);
+    for part in &m.parts {
+        let out = &mut out[part.first_tile * ROWS_PER_TILE..];
+        kernels::ternary(isa, &shape, part.codes.bytes(), part.scales.f32s(), &acts, out, shape.rows);
+    }
 }
 
 /// y [tokens, M] = int8 matmul of x [tokens, K].
@@ -341,6 +364,25 @@ mod tests {
             let got = ternary_matmul(&m, &x, 3, isa, &pool).unwrap();
             let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
             assert!(err <= bound, "{}: max diff {err} > {bound}", isa.name());
+        }
+    }
+
+    #[test]
+    fn a_token_split_gives_the_bits_of_one_thread() {
+        let isa = crate::kernels::best_isa();
+        let one = Pool::new(1, &Topology::detect()).unwrap();
+        let pool = Pool::new(3, &Topology { nodes: vec![Node { id: 0, cpus: vec![0, 1, 2] }] }).unwrap();
+        for (rows, tokens) in [(512, 16), (512, 7), (510, 16), (512, 5)] {
+            let shape = TernaryShape { rows, cols: 2048, group_size: 128 };
+            let codes: Vec<i8> = (0..rows * shape.cols).map(|i| ((i * 13 + i / 7) % 3) as i8 - 1).collect();
+            let scales: Vec<f32> = (0..rows * shape.groups()).map(|i| 0.01 + (i % 11) as f32 * 0.003).collect();
+            let x: Vec<f32> = (0..tokens * shape.cols).map(|i| ((i * 17) % 100) as f32 / 50.0 - 1.0).collect();
+            let split = pool.token_split(tokens, rows, rows * shape.cols * tokens);
+            // whole tiles and >= 2 tokens per thread split by tokens; otherwise the rows are split
+            assert_eq!(split.is_some(), rows % 4 == 0 && tokens >= 6, "{rows} x {tokens}");
+            let want = ternary_matmul(&PackedTernary::new(&codes, &scales, shape).unwrap(), &x, tokens, isa, &one);
+            let got = ternary_matmul(&place_ternary(&codes, &scales, shape, &pool).unwrap(), &x, tokens, isa, &pool);
+            assert_eq!(got.unwrap(), want.unwrap(), "{rows} x {tokens}");
         }
     }
 

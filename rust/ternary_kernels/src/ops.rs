@@ -131,13 +131,7 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, thr
     check_x(x, tokens, shape.cols)?;
     if let Some(per_chunk) = by_tokens(shape.rows, shape.cols, tokens, threads) {
         let mut y = vec![0f32; tokens * shape.rows];
-        let run = |(out, x): (&mut [f32], &[f32])| {
-            let acts = TernaryActs::for_isa(x, out.len() / shape.rows, shape, isa);
-            for part in &m.parts {
-                let out = &mut out[part.first_tile * ROWS_PER_TILE..];
-                kernels::ternary(isa, &shape, part.codes.bytes(), part.scales.f32s(), &acts, out, shape.rows);
-            }
-        };
+        let run = |(out, x): (&mut [f32], &[f32])| crate::matmul::tokens_through_parts(m, x, isa, out);
         let (out_chunk, x_chunk) = (per_chunk * shape.rows, per_chunk * shape.cols);
         if threads > 1 {
             y.par_chunks_mut(out_chunk).zip(x.par_chunks(x_chunk)).for_each(run);

@@ -269,6 +269,39 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Tokens per share when a multi-token call should split its tokens over the threads rather
+    /// than its rows: on one node (every thread may read every part), with at least 2 tokens per
+    /// thread and M a whole number of tiles. Each share then quantizes its own tokens, where a row
+    /// split quantized (and copied into lanes) all of them on the caller while the workers waited,
+    /// and writes its rows of y in place instead of a block gathered afterwards.
+    pub fn token_split(&self, tokens: usize, rows: usize, work: usize) -> Option<usize> {
+        let parallel = self.workers.is_some() && work >= PARALLEL_MIN_WORK;
+        let fits = self.nodes_in_use.len() == 1 && tokens >= 2 * self.threads && rows.is_multiple_of(4);
+        (parallel && fits).then(|| tokens.div_ceil(self.threads))
+    }
+
+    /// `f(share, chunk)` for the consecutive chunks of `chunk_len` values of y, one per thread (at
+    /// most `threads` chunks: callers size them with `token_split`).
+    pub fn run_chunks<F>(&self, y: &mut [f32], chunk_len: usize, f: F)
+    where
+        F: Fn(usize, &mut [f32]) + Sync,
+    {
+        let chunks: Vec<Mutex<Option<&mut [f32]>>> =
+            y.chunks_mut(chunk_len.max(1)).map(|c| Mutex::new(Some(c))).collect();
+        let run = |share: usize| {
+            let taken = chunks.get(share).and_then(|c| c.lock().ok().and_then(|mut c| c.take()));
+            if let Some(chunk) = taken {
+                f(share, chunk);
+            }
+        };
+        match &self.workers {
+            Some(workers) if chunks.len() > 1 => workers.run(&run),
+            _ => (0..chunks.len()).for_each(run),
+        }
+    }
+}
+
 /// Pieces a thread's share of a one-token call is cut into (`Pool::run_rows`).
 const PIECES_PER_THREAD: usize = 4;
 
