@@ -34,6 +34,22 @@ pub(crate) fn ternary(
 ) {
     let k = Ternary::checked(shape, codes, scales, acts, &[], out, ldo);
     let n_tiles = k.n_tiles;
+    if acts.tokens == 1 {
+        // one token: two tiles at a time, so each activation load feeds both and four i16 chains run
+        let mut tile = 0;
+        while tile < n_tiles {
+            // SAFETY: as below; tile + 1 < n_tiles for the pair.
+            unsafe {
+                if tile + 1 < n_tiles {
+                    tile_avx2::<2, 1>(&k, tile, 0, out, ldo);
+                } else {
+                    tile_avx2::<1, 1>(&k, tile, 0, out, ldo);
+                }
+            }
+            tile += 2;
+        }
+        return;
+    }
     for tile in 0..n_tiles {
         let mut t0 = 0;
         while t0 < acts.tokens {
@@ -42,10 +58,10 @@ pub(crate) fn ternary(
             // and fma; `Ternary::checked` bounds every offset used.
             unsafe {
                 match nt {
-                    1 => tile_avx2::<1>(&k, tile, t0, out, ldo),
-                    2 => tile_avx2::<2>(&k, tile, t0, out, ldo),
-                    3 => tile_avx2::<3>(&k, tile, t0, out, ldo),
-                    _ => tile_avx2::<4>(&k, tile, t0, out, ldo),
+                    1 => tile_avx2::<1, 1>(&k, tile, t0, out, ldo),
+                    2 => tile_avx2::<1, 2>(&k, tile, t0, out, ldo),
+                    3 => tile_avx2::<1, 3>(&k, tile, t0, out, ldo),
+                    _ => tile_avx2::<1, 4>(&k, tile, t0, out, ldo),
                 }
             }
             t0 += nt;
@@ -53,55 +69,75 @@ pub(crate) fn ternary(
     }
 }
 
-/// One tile (4 rows) for NT tokens: each activation load feeds both halves' `vpmaddubsw`; 2 x NT i16
-/// accumulators stay in registers, the f32 sums (touched once per group) may live in memory.
+/// RT tiles (4 rows each) for NT tokens: each activation load feeds both halves' `vpmaddubsw` of every
+/// tile; 2 x RT x NT i16 accumulators stay in registers, the f32 sums (touched once per group) may live
+/// in memory.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const NT: usize>(k: &Ternary, tile: usize, t0: usize, out: &mut [f32], ldo: usize) {
+unsafe fn tile_avx2<const RT: usize, const NT: usize>(
+    k: &Ternary,
+    tile: usize,
+    t0: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     let mask3 = _mm256_set1_epi8(3);
     let ones16 = _mm256_set1_epi16(1);
     let pick = [_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)];
-    let codes = k.codes.as_ptr().add(tile * k.tile_bytes);
-    let scales = k.scales.as_ptr().add(tile * k.groups * ROWS_PER_TILE);
+    let codes: [*const u8; RT] = std::array::from_fn(|r| k.codes.as_ptr().add((tile + r) * k.tile_bytes));
+    let scales: [*const f32; RT] =
+        std::array::from_fn(|r| k.scales.as_ptr().add((tile + r) * k.groups * ROWS_PER_TILE));
     let q = k.q.as_ptr().add(t0 * k.kp);
     let starts = k.group_starts.as_ptr().add(t0 * k.groups);
-    let mut facc = [[_mm256_setzero_ps(); NT]; 2];
-    let ahead = prefetch_distance(k.tile_bytes);
+    let mut facc = [[[_mm256_setzero_ps(); NT]; 2]; RT];
+    // RT interleaved streams: a prefetch lands on the same vector of a later block of RT tiles
+    let ahead = prefetch_distance(RT * k.tile_bytes);
     for g in 0..k.groups {
-        let mut acc = [[_mm256_setzero_si256(); NT]; 2];
+        let mut acc = [[[_mm256_setzero_si256(); NT]; 2]; RT];
         for vi in 0..k.vectors_per_group {
             let v = g * k.vectors_per_group + vi;
-            _mm_prefetch::<_MM_HINT_T1>(codes.add(v * VECTOR_BYTES).wrapping_add(ahead) as *const i8);
-            let w = [
-                _mm256_load_si256(codes.add(v * VECTOR_BYTES) as *const __m256i),
-                _mm256_load_si256(codes.add(v * VECTOR_BYTES + 32) as *const __m256i),
-            ];
+            let w: [[__m256i; 2]; RT] = std::array::from_fn(|r| {
+                _mm_prefetch::<_MM_HINT_T1>(codes[r].add(v * VECTOR_BYTES).wrapping_add(ahead) as *const i8);
+                [
+                    _mm256_load_si256(codes[r].add(v * VECTOR_BYTES) as *const __m256i),
+                    _mm256_load_si256(codes[r].add(v * VECTOR_BYTES + 32) as *const __m256i),
+                ]
+            });
             for f in 0..4 {
-                let d = w.map(|w| match f {
-                    0 => _mm256_and_si256(w, mask3),
-                    1 => _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask3),
-                    2 => _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask3),
-                    _ => _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask3),
+                let d = w.map(|halves| {
+                    halves.map(|w| match f {
+                        0 => _mm256_and_si256(w, mask3),
+                        1 => _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask3),
+                        2 => _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask3),
+                        _ => _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask3),
+                    })
                 });
                 for t in 0..NT {
                     let xp = q.add(t * k.kp + v * 64 + f * 16) as *const __m128i;
                     let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(xp));
-                    for h in 0..2 {
-                        acc[h][t] = _mm256_add_epi16(acc[h][t], _mm256_maddubs_epi16(d[h], x));
+                    for r in 0..RT {
+                        for h in 0..2 {
+                            acc[r][h][t] = _mm256_add_epi16(acc[r][h][t], _mm256_maddubs_epi16(d[r][h], x));
+                        }
                     }
                 }
             }
         }
-        let four = _mm256_castps128_ps256(_mm_loadu_ps(scales.add(g * ROWS_PER_TILE)));
-        for t in 0..NT {
-            let start = _mm256_broadcastsi128_si256(_mm_loadu_si128(starts.add(t * k.groups + g) as *const __m128i));
-            for h in 0..2 {
-                let exact = _mm256_add_epi32(_mm256_madd_epi16(acc[h][t], ones16), start);
-                let sc = _mm256_permutevar8x32_ps(four, pick[h]);
-                facc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sc, facc[h][t]);
+        for r in 0..RT {
+            let four = _mm256_castps128_ps256(_mm_loadu_ps(scales[r].add(g * ROWS_PER_TILE)));
+            for t in 0..NT {
+                let start =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(starts.add(t * k.groups + g) as *const __m128i));
+                for h in 0..2 {
+                    let exact = _mm256_add_epi32(_mm256_madd_epi16(acc[r][h][t], ones16), start);
+                    let sc = _mm256_permutevar8x32_ps(four, pick[h]);
+                    facc[r][h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sc, facc[r][h][t]);
+                }
             }
         }
     }
-    finish_tile::<NT>(k, tile, t0, &facc[0], &facc[1], out, ldo);
+    for r in 0..RT {
+        finish_tile::<NT>(k, tile + r, t0, &facc[r][0], &facc[r][1], out, ldo);
+    }
 }
 
 /// The tile's 4 rows per token from the two halves' per-lane sums, divided by the token's scale.
