@@ -483,13 +483,9 @@ const PREFETCH_ROWS: usize = 64;
 /// Prefetch hints (into L2) for the first min(n, PREFETCH_ROWS) positions of each kv head of a cache
 /// [KVH, capacity, hd]; returns the bytes asked for. No effect on results.
 pub fn prefetch_cache<T>(s: AttnShape, cache: &[T], n: usize) -> usize {
-    let (hd, rows) = (s.head_dim, n.min(PREFETCH_ROWS).min(s.capacity));
-    for g in 0..s.n_kv_heads {
-        if let Some(head) = cache.get(g * s.capacity * hd..(g * s.capacity + rows) * hd) {
-            prefetch_l2(head);
-        }
-    }
-    s.n_kv_heads * rows * hd * std::mem::size_of::<T>()
+    let rows = n.min(PREFETCH_ROWS).min(s.capacity);
+    prefetch_rows(s, cache, rows);
+    s.n_kv_heads * rows * s.head_dim * std::mem::size_of::<T>()
 }
 
 /// Prefetch hints (into L2) for the first `rows` positions of each kv head of a cache [KVH, capacity,

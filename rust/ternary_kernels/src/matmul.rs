@@ -45,10 +45,7 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, poo
     if tokens == 1 {
         let mut y = vec![0f32; part_tiles.iter().sum::<usize>() * ROWS_PER_TILE];
         pool.run_rows(&part_tiles, &first_tiles, work, &mut y, |item: &WorkItem, rows: &mut [f32]| {
-            let part = &m.parts[item.part];
-            let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
-            let codes = &part.codes.bytes()[item.tiles.start * tb..item.tiles.end * tb];
-            let scales = &part.scales.f32s()[item.tiles.start * ts..item.tiles.end * ts];
+            let (codes, scales) = m.parts[item.part].tile_range(&shape, item.tiles.clone());
             let ldo = rows.len();
             kernels::ternary(isa, &shape, codes, scales, &acts, rows, ldo);
         });
@@ -64,11 +61,7 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, poo
         return Ok(y);
     }
     let pieces = pool.run(&part_tiles, work, |item: &WorkItem| {
-        let part = &m.parts[item.part];
-        let tb = shape.tile_code_bytes();
-        let ts = shape.tile_scales();
-        let codes = &part.codes.bytes()[item.tiles.start * tb..item.tiles.end * tb];
-        let scales = &part.scales.f32s()[item.tiles.start * ts..item.tiles.end * ts];
+        let (codes, scales) = m.parts[item.part].tile_range(&shape, item.tiles.clone());
         let ldo = item.tiles.len() * ROWS_PER_TILE;
         let mut out = vec![0f32; tokens * ldo];
         kernels::ternary(isa, &shape, codes, scales, &acts, &mut out, ldo);

@@ -141,13 +141,10 @@ pub fn ternary_matmul(m: &PackedTernary, x: &[f32], tokens: usize, isa: Isa, thr
         return Ok(y);
     }
     let acts = TernaryActs::for_isa(x, tokens, shape, isa);
-    let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
     let parts: Vec<(usize, usize)> = m.parts.iter().map(|p| (p.first_tile, p.tiles)).collect();
     let work = shape.rows * shape.cols * tokens;
     Ok(chunked(&parts, shape.rows, tokens, threads, work, |pi, tiles, out, ldo| {
-        let part = &m.parts[pi];
-        let codes = &part.codes.bytes()[tiles.start * tb..tiles.end * tb];
-        let scales = &part.scales.f32s()[tiles.start * ts..tiles.end * ts];
+        let (codes, scales) = m.parts[pi].tile_range(&shape, tiles);
         kernels::ternary(isa, &shape, codes, scales, &acts, out, ldo);
     }))
 }

@@ -57,6 +57,12 @@ pub fn validate_ternary(codes: &[i8], scales: &[f32], shape: TernaryShape) -> Re
 }
 
 impl TernaryPart {
+    /// The codes and scales of this part's tiles `tiles` (local indices), as the kernels take them.
+    pub fn tile_range(&self, shape: &TernaryShape, tiles: Range<usize>) -> (&[u8], &[f32]) {
+        let (tb, ts) = (shape.tile_code_bytes(), shape.tile_scales());
+        (&self.codes.bytes()[tiles.start * tb..tiles.end * tb], &self.scales.f32s()[tiles.start * ts..tiles.end * ts])
+    }
+
     /// Pack row tiles `tiles` of a validated row-major matrix; allocates (first-touches) in this thread.
     pub fn pack(codes: &[i8], scales: &[f32], shape: TernaryShape, tiles: Range<usize>) -> TernaryPart {
         let n_tiles = tiles.len();

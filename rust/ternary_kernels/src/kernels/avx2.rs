@@ -3,9 +3,9 @@
 //! Ternary: each 64-byte packed vector is read as two 32-byte halves; half h holds rows 2h and
 //! 2h+1 (one per 128-bit lane, format.rs). Field f = `(w >> 2f) & 3` (code + 1) of both halves, decoded
 //! once for up to MAX_TOKENS tokens, times the token's 16 activations broadcast to both lanes (one
-//! load for both halves), through `vpmaddubsw`
-//! into i16 (exact: a group adds at most 16 products of |2 x 2 x 128| = 512 per i16), widened once
-//! per group with `vpmaddwd` onto the group's correction `[-sum, 0, 0, 0]` per lane (act.rs
+//! load for both halves, and for both tiles of a one-token block), through `vpmaddubsw` into i16
+//! (exact: a group adds at most 16 products of |2 x 2 x 128| = 512 per i16), widened once per group
+//! with `vpmaddwd` onto the group's correction `[-sum, 0, 0, 0]` per lane (act.rs
 //! `group_starts`, one load), converted to f32 and fused-multiply-added with the two rows' scales
 //! (one 4-float load and a permute per group, shared by the tokens).
 //!
@@ -122,15 +122,16 @@ unsafe fn tile_avx2<const RT: usize, const NT: usize>(
                 }
             }
         }
+        let group_starts: [__m256i; NT] = std::array::from_fn(|t| {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(starts.add(t * k.groups + g) as *const __m128i))
+        });
         for r in 0..RT {
             let four = _mm256_castps128_ps256(_mm_loadu_ps(scales[r].add(g * ROWS_PER_TILE)));
+            let sc = pick.map(|lanes| _mm256_permutevar8x32_ps(four, lanes)); // rows 2h, 2h + 1 of each half
             for t in 0..NT {
-                let start =
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(starts.add(t * k.groups + g) as *const __m128i));
                 for h in 0..2 {
-                    let exact = _mm256_add_epi32(_mm256_madd_epi16(acc[r][h][t], ones16), start);
-                    let sc = _mm256_permutevar8x32_ps(four, pick[h]);
-                    facc[r][h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sc, facc[r][h][t]);
+                    let exact = _mm256_add_epi32(_mm256_madd_epi16(acc[r][h][t], ones16), group_starts[t]);
+                    facc[r][h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sc[h], facc[r][h][t]);
                 }
             }
         }
