@@ -1,4 +1,5 @@
 //! Time the native decode step on random nano-125m-shaped weights, without Python.
+//! Weights in huge-page mappings as the engine loads them (`share_weight_pages`).
 //! Usage: cargo run --release --example decode_step -- [BATCH] [CONTEXT] [STEPS]
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use std::time::Instant;
 use _ternary::decode::{DecodeLayer, DecodeModel, Exec, LayerParts, Mhc, Rope, SeqCache, STAGES};
 use _ternary::format::TernaryShape;
 use _ternary::kernels::active_isa;
-use _ternary::{Int8Shape, PackedInt8, PackedTernary};
+use _ternary::topology::Topology;
+use _ternary::{share_weight_pages, Int8Shape, PackedInt8, PackedTernary, Pool};
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -27,20 +29,32 @@ fn main() {
         let shape = TernaryShape { rows, cols, group_size: 128 };
         let codes: Vec<i8> = (0..rows * cols).map(|_| (next() % 3) as i8 - 1).collect();
         let scales = vec![0.02f32; rows * shape.groups()];
-        Arc::new(PackedTernary::new(&codes, &scales, shape).expect("ternary"))
+        PackedTernary::new(&codes, &scales, shape).expect("ternary")
     };
     let mhc = || Some(Mhc { h_pre: vec![0.5, 0.5], h_post: vec![1.0, 1.0], h_res: vec![1.0, 0.0, 0.0, 1.0] });
+    // [qkv, o, gate_up, down] per layer, then moved into huge-page mappings as the engine's loader does
+    let mats: Vec<PackedTernary> = (0..layers)
+        .flat_map(|_| [((heads + 2 * kv_heads) * hd, d), (d, heads * hd), (2 * ffn, d), (d, ffn)])
+        .map(|(rows, cols)| ternary(rows, cols))
+        .collect();
+    let q: Vec<i8> = (0..vocab * d).map(|i| (i % 251) as i8).collect();
+    let head = PackedInt8::new(&q, &vec![0.001; vocab], Int8Shape { rows: vocab, cols: d }).expect("head");
+    let pool = Pool::new(1, &Topology::detect()).expect("pool");
+    let (mats, mut heads_shared) =
+        share_weight_pages(&mats.iter().collect::<Vec<_>>(), &[&head], &pool).expect("share pages");
+    let head = Arc::new(heads_shared.remove(0));
+    let mut mats = mats.into_iter().map(Arc::new);
     let decode_layers: Vec<Arc<DecodeLayer>> = (0..layers)
         .map(|_| {
             let p = LayerParts {
                 attn_norm: vec![1.0; d],
-                qkv: ternary((heads + 2 * kv_heads) * hd, d),
-                o: ternary(d, heads * hd),
+                qkv: mats.next().expect("qkv"),
+                o: mats.next().expect("o"),
                 attn_sub_norm: None,
                 attn_mhc: mhc(),
                 ffn_norm: vec![1.0; d],
-                gate_up: ternary(2 * ffn, d),
-                down: ternary(d, ffn),
+                gate_up: mats.next().expect("gate_up"),
+                down: mats.next().expect("down"),
                 ffn_sub_norm: None,
                 ffn_mhc: mhc(),
                 n_heads: heads,
@@ -51,8 +65,6 @@ fn main() {
             Arc::new(DecodeLayer::new(p).expect("layer"))
         })
         .collect();
-    let q: Vec<i8> = (0..vocab * d).map(|i| (i % 251) as i8).collect();
-    let head = Arc::new(PackedInt8::new(&q, &vec![0.001; vocab], Int8Shape { rows: vocab, cols: d }).expect("head"));
     let model = DecodeModel::new(decode_layers, vec![1.0; d], head).expect("model");
     let capacity = context + steps + 1;
     let per_seq = layers * kv_heads * capacity * hd;
