@@ -158,11 +158,19 @@ pub struct AttnShape {
 }
 
 /// Rotate-half RoPE with full-width tables cos = [c, c], sin = [-s, s]: x * cos + [x2, x1] * sin.
+/// Written as two loops over the halves (no index arithmetic), which vectorize: a loop choosing the
+/// partner per element ran scalar, 13% of a decode attention task (perf, examples/attn_probe).
+#[inline(always)]
 fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let half = x.len() / 2;
-    for i in 0..x.len() {
-        let swapped = if i < half { x[i + half] } else { x[i - half] };
-        out[i] = x[i] * cos[i] + swapped * sin[i];
+    let (x1, x2) = x.split_at(half);
+    let ((c1, c2), (s1, s2)) = (cos.split_at(half), sin.split_at(half));
+    let (o1, o2) = out.split_at_mut(half);
+    for (((o, &a), &b), (&c, &s)) in o1.iter_mut().zip(x1).zip(x2).zip(c1.iter().zip(s1)) {
+        *o = a * c + b * s;
+    }
+    for (((o, &b), &a), (&c, &s)) in o2.iter_mut().zip(x2).zip(x1).zip(c2.iter().zip(s2)) {
+        *o = b * c + a * s;
     }
 }
 
@@ -252,6 +260,23 @@ pub fn attend_decode(
     attend_prefill(s, qkv, cos, sin, k_cache, v_cache, pos, scale, out, 1)
 }
 
+/// `attend_decode` for a caller that has already asked for the cached rows (the decode step's
+/// per-layer burst, decode.rs `prefetch_caches`): the same bits, without this call's own prefetch hints.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_decode_prefetched(
+    s: AttnShape,
+    qkv: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+    pos: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    attend_tokens(s, qkv, cos, sin, k_cache, v_cache, pos, scale, out, 1, false)
+}
+
 /// One token's k (after RoPE) and v [KVH hd each, side by side in kv] written into the caches at pos,
 /// rounded to float16.
 fn write_new_kv(
@@ -310,6 +335,27 @@ pub fn attend_prefill(
     out: &mut [f32],
     threads: usize,
 ) -> Result<()> {
+    attend_tokens(s, qkv, cos, sin, k_cache, v_cache, pos0, scale, out, threads, true)
+}
+
+/// `attend_prefill`, its prefetch hints optional: once per call, for the first PREFETCH_ROWS cached
+/// positions (the rows are cold: a decode step streams megabytes of weights between two layers'
+/// attention; beyond those rows the hardware streams keep up, and prefetching a whole long context
+/// only evicted itself: 97 -> 128 us at position 1000).
+#[allow(clippy::too_many_arguments)]
+fn attend_tokens(
+    s: AttnShape,
+    qkv: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+    threads: usize,
+    prefetch: bool,
+) -> Result<()> {
     let hd = s.head_dim;
     let (q_dim, kv_dim) = (s.n_heads * hd, s.n_kv_heads * hd);
     let qkv_dim = q_dim + 2 * kv_dim;
@@ -347,6 +393,10 @@ pub fn attend_prefill(
         write_new_kv(s, &row[q_dim..], c, sn, k_cache, v_cache, pos0 + i);
     }
     let (k_cache, v_cache) = (&*k_cache, &*v_cache);
+    if prefetch {
+        prefetch_cache(s, k_cache, pos0 + n);
+        prefetch_cache(s, v_cache, pos0 + n);
+    }
     let attend_token = |(i, o): (usize, &mut [f32])| {
         let (c, sn) = (&cos[i * hd..(i + 1) * hd], &sin[i * hd..(i + 1) * hd]);
         let q_raw = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
@@ -399,11 +449,6 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
     let mut p = vec![0f32; r * n];
     // the generic loops take one kv head's cached rows widened to f32 (exact); AVX-512 widens in registers
     let mut rows = Vec::new();
-    // the cache rows are cold (a decode step streams megabytes of weights between two layers' attention):
-    // ask for them up front so their misses overlap; beyond PREFETCH_ROWS the hardware streams keep up
-    // (prefetching a whole long context only evicted itself: 97 -> 128 us at position 1000)
-    prefetch_cache(s, a.k_cache, n);
-    prefetch_cache(s, a.v_cache, n);
     for g in 0..s.n_kv_heads {
         for (i, qi) in q.chunks_exact_mut(hd).enumerate() {
             let h = g * r + i;
@@ -421,7 +466,7 @@ fn attend_cached<const AVX512: bool>(a: &AttnInput, out: &mut [f32]) {
         scores(&q, widen(keys, &mut rows), hd, a.scale, &mut p);
         let mut inv_sums = [0f32; MAX_GROUP];
         for (i, row) in p.chunks_exact_mut(n).enumerate() {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let max = max_lanes(row);
             row.iter_mut().for_each(|v| *v = exp_poly(*v - max));
             inv_sums[i % MAX_GROUP] = 1.0 / sum_lanes(row);
         }
@@ -523,26 +568,33 @@ fn scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, p: &mut [f32]) {
 }
 
 /// `scores` in AVX-512 registers for hd a multiple of 16, the f16 keys widened in registers (`vcvtph2ps`,
-/// exact): one zmm of 16 lanes accumulates fused multiply-adds,
-/// reduced as `tree_sum` does (8 + 8, 4 + 4, 2 + 2, 1 + 1), so the bits equal the generic path's.
+/// exact): one zmm of 16 lanes accumulates each (query, key) pair's fused multiply-adds, reduced as
+/// `tree_sum` does (8 + 8, 4 + 4, 2 + 2, 1 + 1), so the bits equal the generic path's. Keys go in
+/// blocks of 4 whose sums are reduced together (`sum_four`: 14 shuffles and adds for 4 scores, where
+/// one at a time took 8 per score), each key chunk widened once for up to 4 queries. With the vectorized
+/// `rope` and `max_lanes`: examples/attn_probe, one task at position 96 / 400, 2.04 / 6.14 -> 1.63 / 5.04 us.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn scores_avx512(q: &[f32], keys: &[f16], hd: usize, scale: f32, p: &mut [f32]) {
     use std::arch::x86_64::*;
     let (n, r) = (keys.len() / hd, q.len() / hd);
     assert!(hd.is_multiple_of(LANES) && p.len() >= r * n && keys.len() == n * hd && q.len() == r * hd);
-    let mut key = [_mm512_setzero_ps(); MAX_HEAD_DIM / LANES];
-    let chunks = hd / LANES;
-    for j in 0..n {
-        // the key widened once for all r queries (when it fits the registers set aside for it)
-        if hd <= MAX_HEAD_DIM {
-            for (c, k) in key.iter_mut().enumerate().take(chunks) {
-                // SAFETY: the asserts above keep the load inside keys[j * hd..(j + 1) * hd].
-                *k = unsafe {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(keys.as_ptr().add(j * hd + c * LANES) as *const __m256i))
-                };
+    let whole = n - n % KEY_BLOCK;
+    for j0 in (0..whole).step_by(KEY_BLOCK) {
+        for i0 in (0..r).step_by(4) {
+            // SAFETY: the asserts above hold, j0 + 4 <= n and the queries i0..i0 + G are within r.
+            unsafe {
+                match r - i0 {
+                    1 => score_block::<1>(q, keys, hd, scale, p, i0, j0),
+                    2 => score_block::<2>(q, keys, hd, scale, p, i0, j0),
+                    3 => score_block::<3>(q, keys, hd, scale, p, i0, j0),
+                    _ => score_block::<4>(q, keys, hd, scale, p, i0, j0),
+                }
             }
         }
+    }
+    let chunks = hd / LANES;
+    for j in whole..n {
         for i in 0..r {
             // SAFETY: the asserts above keep every load inside q[i * hd..(i + 1) * hd] and
             // keys[j * hd..(j + 1) * hd] (hd a multiple of 16), the store inside p.
@@ -550,11 +602,7 @@ fn scores_avx512(q: &[f32], keys: &[f16], hd: usize, scale: f32, p: &mut [f32]) 
                 let (qi, key_j) = (q.as_ptr().add(i * hd), keys.as_ptr().add(j * hd));
                 let mut acc = _mm512_setzero_ps();
                 for c in 0..chunks {
-                    let k = if hd <= MAX_HEAD_DIM {
-                        key[c]
-                    } else {
-                        _mm512_cvtph_ps(_mm256_loadu_si256(key_j.add(c * LANES) as *const __m256i))
-                    };
+                    let k = _mm512_cvtph_ps(_mm256_loadu_si256(key_j.add(c * LANES) as *const __m256i));
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi.add(c * LANES)), k, acc);
                 }
                 let halves = _mm512_add_ps(acc, _mm512_shuffle_f32x4::<0b11_10_11_10>(acc, acc));
@@ -566,6 +614,70 @@ fn scores_avx512(q: &[f32], keys: &[f16], hd: usize, scale: f32, p: &mut [f32]) 
             }
         }
     }
+}
+
+/// Scores of queries i0..i0 + G against keys j0..j0 + 4 (`scores_avx512`): each key chunk widened once
+/// for the G queries. Callers guarantee AVX-512F, `scores_avx512`'s asserts, i0 + G <= r, j0 + 4 <= n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn score_block<const G: usize>(
+    q: &[f32],
+    keys: &[f16],
+    hd: usize,
+    scale: f32,
+    p: &mut [f32],
+    i0: usize,
+    j0: usize,
+) {
+    use std::arch::x86_64::*;
+    let n = keys.len() / hd;
+    // SAFETY (this block): loads stay inside q[(i0 + g) * hd..(i0 + g + 1) * hd] and keys[j * hd..(j + 1) * hd]
+    // for j < j0 + 4 <= n; the 4-float stores inside p[(i0 + g) * n + j0..(i0 + g) * n + j0 + 4].
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); KEY_BLOCK]; G];
+        for c in (0..hd).step_by(LANES) {
+            let key: [__m512; KEY_BLOCK] = std::array::from_fn(|kk| {
+                _mm512_cvtph_ps(_mm256_loadu_si256(keys.as_ptr().add((j0 + kk) * hd + c) as *const __m256i))
+            });
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let qc = _mm512_loadu_ps(q.as_ptr().add((i0 + g) * hd + c));
+                for (a, &k) in acc.iter_mut().zip(&key) {
+                    *a = _mm512_fmadd_ps(qc, k, *a);
+                }
+            }
+        }
+        for (g, acc) in acc.into_iter().enumerate() {
+            _mm_storeu_ps(p.as_mut_ptr().add((i0 + g) * n + j0), _mm_mul_ps(sum_four(acc), _mm_set1_ps(scale)));
+        }
+    }
+}
+
+/// Keys per block of `scores_avx512`.
+const KEY_BLOCK: usize = 4;
+
+/// The lane sums of four vectors [a, b, c, d], each as `tree_sum` adds: lane i + lane i + 8, then
+/// + 4, + 2, + 1, the same additions in the same order (the shuffles only move lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum_four(v: [std::arch::x86_64::__m512; 4]) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    // 128-bit blocks [a0 a1 b0 b1] + [a2 a3 b2 b3]: lanes i + i + 8 of a (blocks 0-1) and b (2-3)
+    let ab = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
+        _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
+    );
+    let cd = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
+        _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
+    );
+    // [a b c d] first halves + second halves: i + i + 4, one block per vector
+    let m = _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd), _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd));
+    let n = _mm512_add_ps(m, _mm512_permute_ps::<0b11_10_11_10>(m)); // i + i + 2
+    let total = _mm512_add_ps(n, _mm512_permute_ps::<0b11_10_00_01>(n)); // lane 0 + lane 1 of each block
+    _mm512_castps512_ps128(_mm512_permutexvar_ps(
+        _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0),
+        total,
+    ))
 }
 
 /// o_i = sum_j p[i, j] * value_j (j ascending, fused multiply-adds) for p [r, n], values [n, hd], o [r, hd].
@@ -640,9 +752,6 @@ unsafe fn weighted_values_queries<const G: usize>(p: &[f32], values: &[f16], hd:
 /// Query heads per kv head whose softmax sums are kept on the stack (more are summed again).
 const MAX_GROUP: usize = 16;
 
-/// Head dims up to this keep a widened key row in registers for all the queries of its kv head.
-const MAX_HEAD_DIM: usize = 128;
-
 /// sum a[i] * b[i] in 16 lanes of fused multiply-adds, the lanes added as a tree (halves, quarters,
 /// ...: vector shuffles, not 15 dependent scalar adds).
 #[inline(always)]
@@ -671,6 +780,23 @@ fn tree_sum(mut acc: [f32; LANES]) -> f32 {
         width /= 2;
     }
     acc[0]
+}
+
+/// The largest value of x (NaNs skipped, as f32::max does; -inf for none), in 16 lanes: a maximum is
+/// exact in any order, and `f32::max`'s NaN rule kept a plain fold scalar.
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = if v > *a { v } else { *a };
+    }
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 #[inline(always)]
@@ -798,8 +924,8 @@ mod tests {
             eprintln!("skipping: this CPU lacks AVX-512F");
             return;
         }
-        // r > 4 takes the values in groups of 4 queries; hd 256 widens the keys per query instead
-        for (r, n, hd) in [(3, 37, 64), (1, 5, 128), (7, 19, 64), (2, 11, 256)] {
+        // r > 4 goes in groups of 4 queries; keys in blocks of 4 and a tail of 1-3 single keys (or none)
+        for (r, n, hd) in [(3, 37, 64), (1, 5, 128), (7, 19, 64), (2, 11, 256), (4, 8, 128)] {
             let half = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
             let wide = |v: &[f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
             let q: Vec<f32> = (0..r * hd).map(|i| (i as f32 * 0.31).sin()).collect();
