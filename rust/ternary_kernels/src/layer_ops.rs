@@ -260,23 +260,6 @@ pub fn attend_decode(
     attend_prefill(s, qkv, cos, sin, k_cache, v_cache, pos, scale, out, 1)
 }
 
-/// `attend_decode` for a caller that has already asked for the cached rows (the decode step's
-/// per-layer burst, decode.rs `prefetch_caches`): the same bits, without this call's own prefetch hints.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_decode_prefetched(
-    s: AttnShape,
-    qkv: &[f32],
-    cos: &[f32],
-    sin: &[f32],
-    k_cache: &mut [f16],
-    v_cache: &mut [f16],
-    pos: usize,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<()> {
-    attend_tokens(s, qkv, cos, sin, k_cache, v_cache, pos, scale, out, 1, false)
-}
-
 /// One token's k (after RoPE) and v [KVH hd each, side by side in kv] written into the caches at pos,
 /// rounded to float16.
 fn write_new_kv(
@@ -341,9 +324,10 @@ pub fn attend_prefill(
 /// `attend_prefill`, its prefetch hints optional: once per call, for the first PREFETCH_ROWS cached
 /// positions (the rows are cold: a decode step streams megabytes of weights between two layers'
 /// attention; beyond those rows the hardware streams keep up, and prefetching a whole long context
-/// only evicted itself: 97 -> 128 us at position 1000).
+/// only evicted itself: 97 -> 128 us at position 1000). The decode step, which has already asked for
+/// every row of the layer (decode.rs `prefetch_caches`), calls it without them: the same bits.
 #[allow(clippy::too_many_arguments)]
-fn attend_tokens(
+pub(crate) fn attend_tokens(
     s: AttnShape,
     qkv: &[f32],
     cos: &[f32],
