@@ -18,6 +18,8 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use rayon::prelude::*;
+
 use crate::error::{invalid, Result};
 
 const LANES: usize = 16;
@@ -50,13 +52,33 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
     if d == 0 || !x.len().is_multiple_of(d) || out.len() != x.len() {
         return Err(invalid("x", format!("expected rows of {d} values (the weight's length), got {}", x.len())));
     }
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let inv = 1.0 / (dot(row, row) * (1.0 / d as f32) + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * inv * w;
+    let rows = |x: &[f32], out: &mut [f32]| {
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let inv = 1.0 / (dot(row, row) * (1.0 / d as f32) + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                *o = v * inv * w;
+            }
         }
+    };
+    match parallel_rows(x.len(), d) {
+        Some(per) => x.par_chunks(per * d).zip(out.par_chunks_mut(per * d)).for_each(|(x, o)| rows(x, o)),
+        None => rows(x, out),
     }
     Ok(())
+}
+
+/// Elementwise calls at least this large (a prompt's rows: 128 tokens x 768 is 98K values) split
+/// their rows over rayon's threads; a decode step's (at most a few thousand values per thread) stay
+/// on the calling thread. Every row or element is computed as on one thread: the same bits.
+const PARALLEL_MIN_VALUES: usize = 1 << 16;
+
+/// Rows of `row` values per parallel chunk for a call over `len` values, or None to stay serial.
+fn parallel_rows(len: usize, row: usize) -> Option<usize> {
+    let threads = rayon::current_num_threads();
+    if len < PARALLEL_MIN_VALUES || threads < 2 || row == 0 {
+        return None;
+    }
+    Some((len / row).div_ceil(4 * threads).max(1))
 }
 
 /// out [N, F] = silu(gu[:, :F]) * gu[:, F:] for gu [N, 2F], silu(g) = g / (1 + exp(-g)).
@@ -64,13 +86,19 @@ pub fn silu_mul(gu: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
     if f == 0 || !gu.len().is_multiple_of(2 * f) || out.len() != gu.len() / 2 {
         return Err(invalid("gu", format!("expected rows of 2 x {f} values, got {}", gu.len())));
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked on the line above).
-        unsafe { silu_mul_avx512(gu, f, out) };
-        return Ok(());
+    let rows = |gu: &[f32], out: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked on the line above).
+            unsafe { silu_mul_avx512(gu, f, out) };
+            return;
+        }
+        silu_mul_rows(gu, f, out);
+    };
+    match parallel_rows(gu.len(), 2 * f) {
+        Some(per) => gu.par_chunks(per * 2 * f).zip(out.par_chunks_mut(per * f)).for_each(|(g, o)| rows(g, o)),
+        None => rows(gu, out),
     }
-    silu_mul_rows(gu, f, out);
     Ok(())
 }
 
@@ -99,13 +127,21 @@ pub fn mhc_read(xs: &[f32], h_pre: &[f32], out: &mut [f32]) -> Result<()> {
     if n == 0 || xs.len() != n * m {
         return Err(invalid("xs", format!("expected {n} streams of {m} values, got {} values", xs.len())));
     }
-    for (o, &x) in out.iter_mut().zip(&xs[..m]) {
-        *o = h_pre[0] * x;
-    }
-    for (i, stream) in xs.chunks_exact(m).enumerate().skip(1) {
-        for (o, &x) in out.iter_mut().zip(stream) {
-            *o += h_pre[i] * x;
+    // out[start..start + len] from the same elements of every stream
+    let part = |start: usize, out: &mut [f32]| {
+        let len = out.len();
+        for (o, &x) in out.iter_mut().zip(&xs[start..start + len]) {
+            *o = h_pre[0] * x;
         }
+        for (i, stream) in xs.chunks_exact(m).enumerate().skip(1) {
+            for (o, &x) in out.iter_mut().zip(&stream[start..start + len]) {
+                *o += h_pre[i] * x;
+            }
+        }
+    };
+    match parallel_rows(xs.len(), n * MHC_BLOCK) {
+        Some(per) => out.par_chunks_mut(per * MHC_BLOCK).enumerate().for_each(|(c, o)| part(c * per * MHC_BLOCK, o)),
+        None => part(0, out),
     }
     Ok(())
 }
@@ -123,14 +159,37 @@ pub fn mhc_write(xs: &mut [f32], y: &[f32], h_res: &[f32], h_post: &[f32]) -> Re
     if xs.len() != n * m {
         return Err(invalid("xs", format!("expected {n} streams of {m} values (y's length), got {} values", xs.len())));
     }
+    let Some(per) = parallel_rows(xs.len(), n * MHC_BLOCK) else {
+        let mut streams: Vec<&mut [f32]> = xs.chunks_exact_mut(m).collect();
+        mhc_write_part(&mut streams, y, h_res, h_post);
+        return Ok(());
+    };
+    // the same element range of every stream, one task per range
+    let chunk = per * MHC_BLOCK;
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..m.div_ceil(chunk)).map(|_| Vec::with_capacity(n)).collect();
+    for stream in xs.chunks_exact_mut(m) {
+        for (part, piece) in parts.iter_mut().zip(stream.chunks_mut(chunk)) {
+            part.push(piece);
+        }
+    }
+    parts
+        .into_par_iter()
+        .zip(y.par_chunks(chunk))
+        .for_each(|(mut streams, y)| mhc_write_part(&mut streams, y, h_res, h_post));
+    Ok(())
+}
+
+/// `mhc_write` on one element range: streams[i] holds stream i's elements of the range, y the range of y.
+fn mhc_write_part(streams: &mut [&mut [f32]], y: &[f32], h_res: &[f32], h_post: &[f32]) {
+    let (n, m) = (streams.len(), y.len());
     let mut old = vec![0f32; n * MHC_BLOCK];
     for start in (0..m).step_by(MHC_BLOCK) {
         let len = MHC_BLOCK.min(m - start);
-        for j in 0..n {
-            old[j * MHC_BLOCK..j * MHC_BLOCK + len].copy_from_slice(&xs[j * m + start..j * m + start + len]);
+        for (j, stream) in streams.iter().enumerate() {
+            old[j * MHC_BLOCK..j * MHC_BLOCK + len].copy_from_slice(&stream[start..start + len]);
         }
-        for i in 0..n {
-            let out = &mut xs[i * m + start..i * m + start + len];
+        for (i, stream) in streams.iter_mut().enumerate() {
+            let out = &mut stream[start..start + len];
             for (o, &x) in out.iter_mut().zip(&old[..len]) {
                 *o = h_res[i * n] * x;
             }
@@ -144,7 +203,6 @@ pub fn mhc_write(xs: &mut [f32], y: &[f32], h_res: &[f32], h_post: &[f32]) -> Re
             }
         }
     }
-    Ok(())
 }
 
 /// Shapes of one decode attention step.
@@ -858,6 +916,47 @@ mod tests {
             }
         }
         assert!(rms_norm(&x[..39], &w, 1e-5, &mut out[..39]).is_err());
+    }
+
+    #[test]
+    fn large_calls_split_over_threads_give_the_same_bits() {
+        // sizes past PARALLEL_MIN_VALUES take the parallel path; rows one at a time take the serial one
+        let value = |i: usize| ((i * 7919 % 2003) as f32 - 1001.0) * 0.003;
+        let (d, n_rows) = (768, 97);
+        let x: Vec<f32> = (0..d * n_rows).map(value).collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let mut got = vec![0f32; x.len()];
+        rms_norm(&x, &w, 1e-5, &mut got).unwrap();
+        for (row, g) in x.chunks_exact(d).zip(got.chunks_exact(d)) {
+            let mut want = vec![0f32; d];
+            rms_norm(row, &w, 1e-5, &mut want).unwrap();
+            assert_eq!(g, &want[..]);
+        }
+        let f = 2688;
+        let gu: Vec<f32> = (0..2 * f * 13).map(value).collect();
+        let mut got = vec![0f32; f * 13];
+        silu_mul(&gu, f, &mut got).unwrap();
+        for (row, g) in gu.chunks_exact(2 * f).zip(got.chunks_exact(f)) {
+            let mut want = vec![0f32; f];
+            silu_mul(row, f, &mut want).unwrap();
+            assert_eq!(g, &want[..]);
+        }
+        let (n, m) = (3, 40_000 + 77);
+        let xs: Vec<f32> = (0..n * m).map(value).collect();
+        let (h_pre, h_post) = (vec![0.4f32, 0.35, 0.25], vec![0.9f32, 1.1, 0.7]);
+        let h_res: Vec<f32> = (0..n * n).map(|i| 0.2 + i as f32 * 0.07).collect();
+        let mut got = vec![0f32; m];
+        mhc_read(&xs, &h_pre, &mut got).unwrap();
+        let want: Vec<f32> =
+            (0..m).map(|e| (1..n).fold(h_pre[0] * xs[e], |acc, i| acc + h_pre[i] * xs[i * m + e])).collect();
+        assert_eq!(got, want);
+        let y: Vec<f32> = (0..m).map(|i| value(i + 5)).collect();
+        let mut got = xs.clone();
+        mhc_write(&mut got, &y, &h_res, &h_post).unwrap();
+        let mut want = xs.clone();
+        let mut streams: Vec<&mut [f32]> = want.chunks_exact_mut(m).collect();
+        mhc_write_part(&mut streams, &y, &h_res, &h_post);
+        assert_eq!(got, want);
     }
 
     #[test]

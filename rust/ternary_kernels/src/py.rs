@@ -363,7 +363,8 @@ fn rms_norm<'py>(
     eps: f32,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let mut out = vec![0f32; x.len()];
-    layer_ops::rms_norm(slice_of("x", &x)?, slice_of("weight", &weight)?, eps, &mut out)?;
+    let (xs, ws) = (slice_of("x", &x)?, slice_of("weight", &weight)?);
+    py.detach(|| layer_ops::rms_norm(xs, ws, eps, &mut out))?;
     Ok(numpy::ndarray::ArrayD::from_shape_vec(x.shape(), out)
         .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("internal shape error: {e}")))?
         .into_pyarray(py))
@@ -378,7 +379,8 @@ fn silu_mul<'py>(py: Python<'py>, gu: numpy::PyReadonlyArrayDyn<'py, f32>) -> Py
     }
     let f = shape[1] / 2;
     let mut out = vec![0f32; shape[0] * f];
-    layer_ops::silu_mul(slice_of("gu", &gu)?, f, &mut out)?;
+    let g = slice_of("gu", &gu)?;
+    py.detach(|| layer_ops::silu_mul(g, f, &mut out))?;
     to_2d(py, out, shape[0], f)
 }
 
@@ -481,7 +483,8 @@ fn mhc_read<'py>(
     }
     let xs = xs.try_readonly().map_err(|_| invalid("xs", "array is being written elsewhere"))?;
     let mut out = vec![0f32; xs.len() / shape[0]];
-    layer_ops::mhc_read(slice_of("xs", &xs)?, &h_pre.data, &mut out)?;
+    let x = slice_of("xs", &xs)?;
+    py.detach(|| layer_ops::mhc_read(x, &h_pre.data, &mut out))?;
     Ok(numpy::ndarray::ArrayD::from_shape_vec(&shape[1..], out)
         .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("internal shape error: {e}")))?
         .into_pyarray(py))
@@ -490,6 +493,7 @@ fn mhc_read<'py>(
 /// mHC write, in place on xs [n, ..., D] (float32): xs[i] = sum_j h_res[i, j] xs[j] + h_post[i] y, y [..., D].
 #[pyfunction]
 fn mhc_write(
+    py: Python<'_>,
     xs: &Bound<'_, PyAny>,
     y: &Bound<'_, PyAny>,
     h_res: &Bound<'_, PyAny>,
@@ -518,7 +522,8 @@ fn mhc_write(
     let y = y.try_readonly().map_err(|_| invalid("y", "array is being written elsewhere"))?;
     let mut xs = xs.try_readwrite().map_err(|e| invalid("xs", format!("cannot write the array in place ({e})")))?;
     let xs = xs.as_slice_mut().map_err(|_| invalid("xs", "not C-contiguous"))?;
-    layer_ops::mhc_write(xs, slice_of("y", &y)?, &h_res.data, &h_post.data)?;
+    let y = slice_of("y", &y)?;
+    py.detach(|| layer_ops::mhc_write(xs, y, &h_res.data, &h_post.data))?;
     Ok(())
 }
 
