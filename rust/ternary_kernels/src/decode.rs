@@ -305,7 +305,7 @@ impl DecodeLayer {
                 head_qkv.extend_from_slice(&q[q_dim + g * hd..q_dim + (g + 1) * hd]);
                 head_qkv.extend_from_slice(&q[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd]);
                 let (cos, sin) = (&rope.cos[i * hd..(i + 1) * hd], &rope.sin[i * hd..(i + 1) * hd]);
-                layer_ops::attend_tokens(shape, &head_qkv, cos, sin, k, v, pos, p.scale, o, 1, false)
+                layer_ops::attend_decode(shape, &head_qkv, cos, sin, k, v, pos, p.scale, o)
             };
         if ex.threads > 1 && tasks.len() > 1 {
             tasks.into_par_iter().try_for_each(attend_head)

@@ -60,10 +60,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
             }
         }
     };
-    match parallel_rows(x.len(), d) {
-        Some(per) => x.par_chunks(per * d).zip(out.par_chunks_mut(per * d)).for_each(|(x, o)| rows(x, o)),
-        None => rows(x, out),
-    }
+    over_rows(x, d, out, d, rows);
     Ok(())
 }
 
@@ -82,6 +79,15 @@ fn parallel_rows(len: usize, row: usize) -> Option<usize> {
     Some((len / row).div_ceil(4 * threads).max(1))
 }
 
+/// `rows(x, out)` over rows of `x_row` inputs and `out_row` outputs: on this thread, or in chunks of
+/// rows on all threads for a large call (`parallel_rows`).
+fn over_rows(x: &[f32], x_row: usize, out: &mut [f32], out_row: usize, rows: impl Fn(&[f32], &mut [f32]) + Sync) {
+    match parallel_rows(x.len(), x_row) {
+        Some(per) => x.par_chunks(per * x_row).zip(out.par_chunks_mut(per * out_row)).for_each(|(x, o)| rows(x, o)),
+        None => rows(x, out),
+    }
+}
+
 /// out [N, F] = silu(gu[:, :F]) * gu[:, F:] for gu [N, 2F], silu(g) = g / (1 + exp(-g)).
 pub fn silu_mul(gu: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
     if f == 0 || !gu.len().is_multiple_of(2 * f) || out.len() != gu.len() / 2 {
@@ -96,10 +102,7 @@ pub fn silu_mul(gu: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
         }
         silu_mul_rows(gu, f, out);
     };
-    match parallel_rows(gu.len(), 2 * f) {
-        Some(per) => gu.par_chunks(per * 2 * f).zip(out.par_chunks_mut(per * f)).for_each(|(g, o)| rows(g, o)),
-        None => rows(gu, out),
-    }
+    over_rows(gu, 2 * f, out, f, rows);
     Ok(())
 }
 
@@ -377,28 +380,6 @@ pub fn attend_prefill(
     out: &mut [f32],
     threads: usize,
 ) -> Result<()> {
-    attend_tokens(s, qkv, cos, sin, k_cache, v_cache, pos0, scale, out, threads, true)
-}
-
-/// `attend_prefill`, its prefetch hints optional: once per call, for the first PREFETCH_ROWS cached
-/// positions (the rows are cold: a decode step streams megabytes of weights between two layers'
-/// attention; beyond those rows the hardware streams keep up, and prefetching a whole long context
-/// only evicted itself: 97 -> 128 us at position 1000). The decode step, which has already asked for
-/// every row of the layer (decode.rs `prefetch_caches`), calls it without them: the same bits.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_tokens(
-    s: AttnShape,
-    qkv: &[f32],
-    cos: &[f32],
-    sin: &[f32],
-    k_cache: &mut [f16],
-    v_cache: &mut [f16],
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-    threads: usize,
-    prefetch: bool,
-) -> Result<()> {
     let hd = s.head_dim;
     let (q_dim, kv_dim) = (s.n_heads * hd, s.n_kv_heads * hd);
     let qkv_dim = q_dim + 2 * kv_dim;
@@ -436,10 +417,6 @@ pub(crate) fn attend_tokens(
         write_new_kv(s, &row[q_dim..], c, sn, k_cache, v_cache, pos0 + i);
     }
     let (k_cache, v_cache) = (&*k_cache, &*v_cache);
-    if prefetch {
-        prefetch_cache(s, k_cache, pos0 + n);
-        prefetch_cache(s, v_cache, pos0 + n);
-    }
     let attend_token = |(i, o): (usize, &mut [f32])| {
         let (c, sn) = (&cos[i * hd..(i + 1) * hd], &sin[i * hd..(i + 1) * hd]);
         let q_raw = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
@@ -565,11 +542,15 @@ fn widen_f16c(x: &[f16], out: &mut [f32]) {
     }
 }
 
-/// Cached positions per kv head prefetched at the start of a decode attention call.
+/// Cached positions per kv head `prefetch_cache` asks for.
 const PREFETCH_ROWS: usize = 64;
 
 /// Prefetch hints (into L2) for the first min(n, PREFETCH_ROWS) positions of each kv head of a cache
-/// [KVH, capacity, hd]; returns the bytes asked for. No effect on results.
+/// [KVH, capacity, hd]; returns the bytes asked for. No effect on results. Attention's callers ask
+/// for them, once per call, where the rows are cold (py.rs: a prompt's attention after megabytes of
+/// weights streamed through the caches; beyond these rows the hardware streams keep up, and
+/// prefetching a whole long context only evicted itself: 97 -> 128 us at position 1000); the decode
+/// step asks for every row of a layer at once instead (decode.rs `prefetch_caches`).
 pub fn prefetch_cache<T>(s: AttnShape, cache: &[T], n: usize) -> usize {
     let rows = n.min(PREFETCH_ROWS).min(s.capacity);
     prefetch_rows(s, cache, rows);

@@ -277,7 +277,9 @@ impl Pool {
     /// and writes its rows of y in place instead of a block gathered afterwards.
     pub fn token_split(&self, tokens: usize, rows: usize, work: usize) -> Option<usize> {
         let parallel = self.workers.is_some() && work >= PARALLEL_MIN_WORK;
-        let fits = self.nodes_in_use.len() == 1 && tokens >= 2 * self.threads && rows.is_multiple_of(4);
+        let fits = self.nodes_in_use.len() == 1
+            && tokens >= 2 * self.threads
+            && rows.is_multiple_of(crate::format::ROWS_PER_TILE);
         (parallel && fits).then(|| tokens.div_ceil(self.threads))
     }
 

@@ -423,6 +423,8 @@ fn attend_decode<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let (shape, kc, vc) = attn_caches(&mut k_cache, &mut v_cache, n_heads)?;
     let mut out = vec![0f32; n_heads * shape.head_dim];
+    layer_ops::prefetch_cache(shape, kc, pos + 1);
+    layer_ops::prefetch_cache(shape, vc, pos + 1);
     layer_ops::attend_decode(
         shape,
         slice_of("qkv", &qkv)?,
@@ -462,7 +464,11 @@ fn attend_prefill<'py>(
     let mut out = vec![0f32; n * n_heads * shape.head_dim];
     let (q, c, s) = (slice_of("qkv", &qkv)?, slice_of("cos", &cos)?, slice_of("sin", &sin)?);
     let threads = pool::global()?.threads();
-    py.detach(|| layer_ops::attend_prefill(shape, q, c, s, kc, vc, pos0, scale, &mut out, threads))?;
+    py.detach(|| {
+        layer_ops::prefetch_cache(shape, kc, pos0 + n);
+        layer_ops::prefetch_cache(shape, vc, pos0 + n);
+        layer_ops::attend_prefill(shape, q, c, s, kc, vc, pos0, scale, &mut out, threads)
+    })?;
     to_2d(py, out, n, n_heads * shape.head_dim)
 }
 
